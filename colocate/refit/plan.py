@@ -1,0 +1,152 @@
+"""Pure planning for a refit: the manifest of tensors and their bucket layout.
+
+Nothing here touches a transport. The sender and the receiver each build or receive the same `Manifest`,
+and every other module (ZMQ/IPC, shared memory, broadcast) only moves the bytes this plan describes.
+
+Layout rules:
+- Tensors are packed in iteration order into buckets of at most `buffer_bytes`; each tensor starts at an
+  offset aligned to `ALIGN` bytes so that the receiver's views are aligned for any dtype and vectorised copy.
+- A tensor larger than one buffer gets a bucket of its own, flagged `oversized`: the sender stages it in a
+  temporary buffer sized to it (a 1.7 GiB embedding does not fit a 1.6 GiB buffer, and splitting it would
+  hand the engine a partial tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import msgspec
+import torch
+
+ALIGN = 256
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class ManifestError(ValueError):
+    """The tensors offered do not match the manifest (missing, extra, duplicate, wrong shape or dtype)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ManifestError(f"unsupported dtype {dtype}") from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ManifestError(f"unknown dtype name {name!r}") from None
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+class Entry(msgspec.Struct, frozen=True, array_like=True):
+    """One tensor: where it lives in which bucket."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    bucket: int
+    offset: int
+    nbytes: int
+
+
+class Bucket(msgspec.Struct, frozen=True, array_like=True):
+    """Entries [first, last) of the manifest, packed into `nbytes` bytes."""
+
+    index: int
+    first: int
+    last: int
+    nbytes: int
+    oversized: bool
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    """The whole model's layout for one buffer size. Sent once per model ("prepare")."""
+
+    entries: tuple[Entry, ...]
+    buckets: tuple[Bucket, ...]
+    buffer_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def digest(self) -> str:
+        """A short hash of the layout: both sides compare it before any bytes move."""
+        return hashlib.sha256(msgspec.json.encode(self)).hexdigest()[:16]
+
+    def index_of(self) -> dict[str, int]:
+        return {e.name: i for i, e in enumerate(self.entries)}
+
+
+def tensor_meta(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype name, shape) of each tensor, without touching its data."""
+    return [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named]
+
+
+def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int) -> Manifest:
+    """Pack tensors, given as (name, dtype name, shape), into buckets of at most `buffer_bytes` each."""
+    if buffer_bytes < ALIGN:
+        raise ValueError(f"buffer_bytes must be at least {ALIGN}, got {buffer_bytes}")
+    seen: set[str] = set()
+    entries: list[Entry] = []
+    buckets: list[Bucket] = []
+    first, used = 0, 0
+
+    def close(last: int, oversized: bool = False) -> None:
+        nonlocal first, used
+        if last > first:
+            buckets.append(Bucket(len(buckets), first, last, used, oversized))
+        first, used = last, 0
+
+    for name, dtype, shape in meta:
+        if name in seen:
+            raise ManifestError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype_from_name(dtype).itemsize
+        if nbytes > buffer_bytes:
+            close(len(entries))
+            entries.append(Entry(name, dtype, tuple(shape), len(buckets), 0, nbytes))
+            used = nbytes
+            close(len(entries), oversized=True)
+            continue
+        offset = align_up(used)
+        if offset + nbytes > buffer_bytes:
+            close(len(entries))
+            offset = 0
+        entries.append(Entry(name, dtype, tuple(shape), len(buckets), offset, nbytes))
+        used = offset + nbytes
+    close(len(entries))
+    return Manifest(tuple(entries), tuple(buckets), buffer_bytes)
+
+
+def check_tensor(entry: Entry, tensor: torch.Tensor) -> None:
+    """Raise ManifestError if `tensor` is not what `entry` promises."""
+    if tuple(tensor.shape) != entry.shape:
+        raise ManifestError(f"{entry.name}: shape {tuple(tensor.shape)} != manifest {entry.shape}")
+    if dtype_name(tensor.dtype) != entry.dtype:
+        raise ManifestError(f"{entry.name}: dtype {dtype_name(tensor.dtype)} != manifest {entry.dtype}")

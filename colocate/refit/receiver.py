@@ -1,0 +1,232 @@
+"""The receiving end of a colocated refit: binds a private ZMQ socket and loads buckets into the engine.
+
+Protocol state machine (receiver side). S = sender, R = receiver; every frame is [token, header] (wire.py).
+
+    IDLE ──Prepare(manifest)──▶ IDLE          store the manifest by digest, check it against `expected`; Ack
+    IDLE ──Release(ids)───────▶ IDLE          close the cached buffers S freed; Ack
+    IDLE ──Begin(digest)──────▶ RECEIVING     unknown digest -> Error; call begin_fn; Ack
+    RECEIVING ──Load(bucket)──▶ RECEIVING     check the bucket (entries not yet seen, buffer big enough),
+                                              open the buffer (cached by id), build views from the manifest,
+                                              [verify checksums], load_fn(views), synchronise the device,
+                                              drop the views, close it if temporary; then Ack: only now may S
+                                              refill that buffer
+    RECEIVING ──Done(n)───────▶ IDLE          every manifest entry arrived exactly once, else Error;
+                                              finish_fn; Ack; `receive()` returns
+    any ──Abort(error)────────▶ IDLE          S failed: raise the same named error here
+    any ──bad frame───────────▶ same state    wrong token or unparsable: counted in `rejected`, dropped
+    any ──nothing for timeout─▶ IDLE          raise RefitTimeoutError (S is dead or stuck)
+    any ──local exception─────▶ IDLE          send Error(kind, traceback) to S, drop cached buffers, raise
+
+Messages from an older refit id than the current one are stale (a reply to an aborted refit) and dropped.
+S never has more than two Loads unacked (the ping-pong buffers), so R never waits on S while S waits on R.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from colocate.refit import wire
+from colocate.refit.buffers import BufferCache
+from colocate.refit.checksum import checksum
+from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError, remote_error
+from colocate.refit.jobdir import ensure_private_dir, random_name
+from colocate.refit.plan import Entry, Manifest, ManifestError, dtype_from_name
+
+LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
+
+
+@dataclass
+class ReceiveStats:
+    refit_id: int
+    buckets: int
+    bytes: int
+    seconds: float
+    load_seconds: float
+
+
+class RefitReceiver:
+    def __init__(
+        self,
+        *,
+        job_dir: str,
+        token: str,
+        load_fn: LoadFn,
+        timeout_s: float = 60.0,
+        begin_fn: Callable[[], None] | None = None,
+        finish_fn: Callable[[], None] | None = None,
+        expected: Sequence[tuple[str, str, tuple[int, ...]]] | None = None,
+    ) -> None:
+        ensure_private_dir(job_dir)
+        self.job_dir = job_dir
+        self.token = token.encode()
+        self.load_fn = load_fn
+        self.begin_fn = begin_fn
+        self.finish_fn = finish_fn
+        self.timeout_s = timeout_s
+        self.expected = {n: (d, tuple(s)) for n, d, s in expected} if expected is not None else None
+        self.rejected = 0
+        self.cache = BufferCache(job_dir)
+        self._manifests: dict[str, Manifest] = {}
+        self._last_refit_id = 0
+        self._peer: bytes | None = None
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._path = os.path.join(job_dir, random_name("recv") + ".sock")
+        self._sock.bind(f"ipc://{self._path}")
+        os.chmod(self._path, 0o600)
+        self.address = f"ipc://{self._path}"
+
+    # -- socket ------------------------------------------------------------------------------------------
+    def _recv(self, timeout_s: float) -> wire.ToReceiver:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000)):
+                raise RefitTimeoutError(
+                    f"receiver: no message from the sender within {timeout_s:.1f}s (dead or stuck?)",
+                    side="receiver")
+            frames = self._sock.recv_multipart()
+            try:
+                msg = wire.decode(self.token, frames[1:], to_receiver=True)
+            except wire.BadFrame:
+                self.rejected += 1
+                continue
+            self._peer = frames[0]
+            return msg  # type: ignore[return-value]
+
+    def _send(self, msg: wire.ToSender) -> None:
+        if self._peer is None:
+            return
+        try:
+            self._sock.send_multipart([self._peer, *wire.encode(self.token, msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the sender is gone; our own raise reports the failure
+
+    # -- one refit ---------------------------------------------------------------------------------------
+    def receive(self, timeout_s: float | None = None) -> ReceiveStats:
+        """Serve messages until one refit completes (Done) or fails; see the state machine above."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        manifest: Manifest | None = None
+        seen: bytearray | None = None
+        refit_id, seq = 0, 0
+        t0, load_s, nbytes, buckets = 0.0, 0.0, 0, 0
+        try:
+            while True:
+                msg = self._recv(timeout_s)
+                if msg.refit_id <= self._last_refit_id and not isinstance(msg, wire.Release):
+                    continue  # stale: belongs to a refit that already ended
+                seq = msg.seq
+                if isinstance(msg, wire.Prepare):
+                    self._check_expected(msg.manifest)
+                    self._manifests = {msg.manifest.digest(): msg.manifest}
+                    self._send(wire.Ack(msg.refit_id, msg.seq))
+                elif isinstance(msg, wire.Release):
+                    self.cache.drop(msg.buffer_ids)
+                    self._send(wire.Ack(msg.refit_id, msg.seq))
+                elif isinstance(msg, wire.Begin):
+                    manifest = self._manifests.get(msg.digest)
+                    if manifest is None:
+                        raise ManifestError(f"refit {msg.refit_id}: unknown manifest {msg.digest}; prepare first")
+                    refit_id, seen = msg.refit_id, bytearray(len(manifest.entries))
+                    t0 = time.perf_counter()
+                    if self.begin_fn is not None:
+                        self.begin_fn()
+                    self._send(wire.Ack(msg.refit_id, msg.seq))
+                elif isinstance(msg, wire.Abort):
+                    raise remote_error(msg.kind, msg.message, side="sender", traceback=msg.traceback)
+                elif manifest is None or seen is None or msg.refit_id != refit_id:
+                    raise RefitError(f"receiver: {type(msg).__name__} for refit {msg.refit_id} before Begin")
+                elif isinstance(msg, wire.Load):
+                    t = time.perf_counter()
+                    sums = self._load(manifest, seen, msg)
+                    load_s += time.perf_counter() - t
+                    nbytes += manifest.buckets[msg.bucket].nbytes
+                    buckets += 1
+                    self._send(wire.Ack(msg.refit_id, msg.seq, sums))
+                elif isinstance(msg, wire.Done):
+                    missing = [manifest.entries[i].name for i, s in enumerate(seen) if not s]
+                    if missing:
+                        raise ManifestError(f"refit {refit_id}: {len(missing)} entries never arrived: "
+                                            f"{missing[:5]}{'...' if len(missing) > 5 else ''}")
+                    if msg.buckets_sent != buckets:
+                        raise RefitError(f"sender sent {msg.buckets_sent} buckets, received {buckets}")
+                    if self.finish_fn is not None:
+                        self.finish_fn()
+                    self._last_refit_id = refit_id
+                    self._send(wire.Ack(msg.refit_id, msg.seq))
+                    return ReceiveStats(refit_id, buckets, nbytes, time.perf_counter() - t0, load_s)
+        except RefitError:
+            # The sender already knows (Abort) or is gone (timeout): nothing to tell it.
+            self._fail(refit_id)
+            raise
+        except Exception as e:
+            self._send(wire.Error(refit_id, seq, type(e).__name__, str(e), traceback.format_exc()))
+            self._fail(refit_id)
+            if isinstance(e, ManifestError):
+                raise RefitManifestError(f"receiver: {e}", side="receiver") from e
+            raise
+
+    def _fail(self, refit_id: int) -> None:
+        self._last_refit_id = max(self._last_refit_id, refit_id)
+        self.cache.drop()
+
+    def _check_expected(self, manifest: Manifest) -> None:
+        if self.expected is None:
+            return
+        got = {e.name: (e.dtype, e.shape) for e in manifest.entries}
+        missing = sorted(set(self.expected) - set(got))
+        extra = sorted(set(got) - set(self.expected))
+        wrong = [f"{n}: {got[n]} != expected {self.expected[n]}"
+                 for n in sorted(set(got) & set(self.expected)) if got[n] != self.expected[n]]
+        if missing or extra or wrong:
+            raise ManifestError(f"manifest does not match the engine: missing={missing[:5]} extra={extra[:5]} "
+                                f"wrong={wrong[:5]}")
+
+    def _load(self, manifest: Manifest, seen: bytearray, msg: wire.Load) -> list[int] | None:
+        if not 0 <= msg.bucket < len(manifest.buckets):
+            raise ManifestError(f"bucket {msg.bucket} not in manifest ({len(manifest.buckets)} buckets)")
+        bucket = manifest.buckets[msg.bucket]
+        if msg.buffer.nbytes < bucket.nbytes:
+            raise ManifestError(f"bucket {msg.bucket} needs {bucket.nbytes} bytes, buffer has {msg.buffer.nbytes}")
+        dup = [manifest.entries[i].name for i in range(bucket.first, bucket.last) if seen[i]]
+        if dup:
+            raise ManifestError(f"bucket {msg.bucket}: entries arrived twice: {dup[:5]}")
+        buf = self.cache.get(msg.buffer)
+        try:
+            entries = manifest.entries[bucket.first:bucket.last]
+            raw = [buf.tensor[e.offset:e.offset + e.nbytes] for e in entries]
+            sums = [checksum(r) for r in raw] if msg.checksums is not None else None
+            if sums is not None and sums != msg.checksums:
+                bad = [e.name for e, a, b in zip(entries, sums, msg.checksums, strict=True) if a != b]
+                raise RefitError(f"bucket {msg.bucket}: checksum mismatch in {bad[:5]}")
+            views = [(e.name, _view(r, e)) for e, r in zip(entries, raw, strict=True)]
+            del raw
+            self.load_fn(views)
+            if buf.tensor.is_cuda:
+                torch.cuda.current_stream(buf.tensor.device).synchronize()
+            del views  # no view of the buffer may outlive the ack: the sender refills it next
+        finally:
+            if msg.buffer.temporary:
+                buf.close()
+        for i in range(bucket.first, bucket.last):
+            seen[i] = 1
+        return sums
+
+    def close(self) -> None:
+        self.cache.drop()
+        self._sock.close(0)
+        self._ctx.term()
+        if os.path.exists(self._path):
+            os.unlink(self._path)
+
+
+def _view(raw_u8: torch.Tensor, e: Entry) -> torch.Tensor:
+    return raw_u8.view(dtype_from_name(e.dtype)).view(e.shape)

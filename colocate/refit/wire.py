@@ -1,0 +1,106 @@
+"""Messages of the colocated refit protocol, and their framing on a ZMQ socket.
+
+A message is two frames: the job's token (raw bytes) and a msgspec-JSON header, a tagged union below. No
+pickle anywhere: a frame that is not exactly that is rejected by `decode` and the receiver keeps serving.
+Every header carries the refit id and a sequence number, so late replies from an aborted refit are
+recognised and dropped. The state machine that uses these messages is documented in `receiver.py`.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import msgspec
+
+from colocate.refit.buffers import Handle
+from colocate.refit.plan import Manifest
+
+
+class Prepare(msgspec.Struct, tag="prepare"):
+    """Sender -> receiver, once per model (or when the layout changes): the whole manifest."""
+
+    refit_id: int
+    seq: int
+    manifest: Manifest
+
+
+class Begin(msgspec.Struct, tag="begin"):
+    refit_id: int
+    seq: int
+    digest: str
+    verify: bool = False
+
+
+class Load(msgspec.Struct, tag="load"):
+    """Bucket `bucket` of the manifest is ready in `buffer`: load it, then ack `seq`."""
+
+    refit_id: int
+    seq: int
+    bucket: int
+    buffer: Handle
+    checksums: list[int] | None = None
+
+
+class Done(msgspec.Struct, tag="done"):
+    refit_id: int
+    seq: int
+    buckets_sent: int
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    """The sender failed mid-refit; the receiver raises the same error."""
+
+    refit_id: int
+    seq: int
+    kind: str
+    message: str
+    traceback: str
+
+
+class Release(msgspec.Struct, tag="release"):
+    """The sender freed these buffers: drop the opened handles."""
+
+    refit_id: int
+    seq: int
+    buffer_ids: list[str]
+
+
+class Ack(msgspec.Struct, tag="ack"):
+    refit_id: int
+    seq: int
+    checksums: list[int] | None = None
+
+
+class Error(msgspec.Struct, tag="error"):
+    refit_id: int
+    seq: int
+    kind: str
+    message: str
+    traceback: str
+
+
+ToReceiver = Prepare | Begin | Load | Done | Abort | Release
+ToSender = Ack | Error
+
+_enc = msgspec.json.Encoder()
+_dec_receiver = msgspec.json.Decoder(ToReceiver)
+_dec_sender = msgspec.json.Decoder(ToSender)
+
+
+class BadFrame(ValueError):
+    """A frame without the job's token, or one that does not parse."""
+
+
+def encode(token: bytes, msg: ToReceiver | ToSender) -> list[bytes]:
+    return [token, _enc.encode(msg)]
+
+
+def decode(token: bytes, frames: list[bytes], *, to_receiver: bool) -> ToReceiver | ToSender:
+    if len(frames) != 2:
+        raise BadFrame(f"expected 2 frames, got {len(frames)}")
+    if not hmac.compare_digest(frames[0], token):
+        raise BadFrame("wrong or missing job token")
+    try:
+        return (_dec_receiver if to_receiver else _dec_sender).decode(frames[1])
+    except msgspec.DecodeError as e:
+        raise BadFrame(f"unparsable header: {e}") from None

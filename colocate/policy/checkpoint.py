@@ -40,7 +40,11 @@ def save_checkpoint(
 ) -> None:
     """Write model, optimizer, scheduler and step to the DCP directory `path` (a collective)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd, "trainer": {"step": step, "scheduler": scheduler.state_dict()}}
+    state = {
+        "model": model_sd,
+        "optimizer": optim_sd,
+        "trainer": {"step": step, "scheduler": scheduler.state_dict()},
+    }
     dcp.save(state, checkpoint_id=str(path))
 
 
@@ -94,6 +98,10 @@ def export_hf(
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(out)
         for item in Path(source_path).iterdir():
-            if item.is_file() and item.name not in _WRITTEN_FILES and not item.name.endswith(_WEIGHT_SUFFIXES):
+            if (
+                item.is_file()
+                and item.name not in _WRITTEN_FILES
+                and not item.name.endswith(_WEIGHT_SUFFIXES)
+            ):
                 shutil.copy2(item, out / item.name)
     dist.barrier()

@@ -21,6 +21,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+# (HF name, full shape, dtype) of one streamed weight.
+ManifestEntry = tuple[str, tuple[int, ...], torch.dtype]
+
 
 def _unique_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     # keep_vars keeps the sharded DTensor parameters themselves: nothing is copied or gathered here.
@@ -53,9 +56,7 @@ def iter_full_weights(
         yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def weights_manifest(
-    model: nn.Module, dtype: torch.dtype | None = None
-) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def weights_manifest(model: nn.Module, dtype: torch.dtype | None = None) -> list[ManifestEntry]:
     """`(name, shape, dtype)` of exactly what `iter_full_weights` yields, without gathering anything."""
     # A DTensor's .shape is the global shape, so no communication is needed.
     return [

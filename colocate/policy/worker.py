@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM
 from colocate.policy import checkpoint
 from colocate.policy.grpo_loss import LOSS_AGGS, LossAgg, grpo_loss
 from colocate.policy.lr_schedule import LrDecay, lr_multiplier
-from colocate.policy.weights import iter_full_weights, reshard, weights_manifest
+from colocate.policy.weights import ManifestEntry, iter_full_weights, reshard, weights_manifest
 
 T = TypeVar("T")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -116,7 +116,9 @@ class PolicyWorker:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self._shard(model, _DTYPES[param_dtype])
 
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay
+        )
         schedule = functools.partial(
             lr_multiplier,
             warmup_steps=warmup_steps,
@@ -128,7 +130,9 @@ class PolicyWorker:
 
     # ---------------------------------------------------------------- setup
 
-    def _init_distributed(self, device: str, master_addr: str, master_port: int, timeout_s: float) -> torch.device:
+    def _init_distributed(
+        self, device: str, master_addr: str, master_port: int, timeout_s: float
+    ) -> torch.device:
         if device == "cuda":
             # Under Ray each actor sees only its own GPU(s); elsewhere, ranks of one host share them.
             torch.cuda.set_device(self.rank % torch.cuda.device_count())
@@ -152,8 +156,8 @@ class PolicyWorker:
 
     def _shard(self, model: nn.Module, param_dtype: torch.dtype) -> nn.Module:
         mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        # One FSDP unit per decoder layer (the classes HF marks as not to be split), then the root, which takes
-        # the embeddings, the final norm and lm_head (a tied lm_head stays one parameter in one unit).
+        # One FSDP unit per decoder layer (the classes HF marks as not to be split), then the root, which
+        # takes the embeddings, the final norm and lm_head (a tied lm_head stays one parameter in one unit).
         layer_classes = set(getattr(model, "_no_split_modules", None) or ())
         layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
         if not layers:
@@ -194,7 +198,9 @@ class PolicyWorker:
         self._require(params=True)
         self.model.eval()
         out_BT = [
-            self._token_logprobs(input_ids_BT[mb].to(self.device), attention_mask_BT[mb].to(self.device)).cpu()
+            self._token_logprobs(
+                input_ids_BT[mb].to(self.device), attention_mask_BT[mb].to(self.device)
+            ).cpu()
             for mb in self._micro_batches(input_ids_BT.shape[0])
         ]
         return torch.cat(out_BT) if out_BT else torch.zeros(input_ids_BT.shape, dtype=torch.float32)
@@ -225,7 +231,7 @@ class PolicyWorker:
         # Each micro-batch's loss is a share of the global batch's loss, so the accumulated gradient is the
         # whole batch's. FSDP2 averages gradients over ranks; the world_size factor undoes that average.
         denom = global_tokens if self.loss_agg == "token_mean" else global_seqs
-        loss_denom = denom / self.world_size
+        loss_denom = denom
 
         sums = torch.zeros(len(_METRIC_KEYS), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
@@ -244,8 +250,7 @@ class PolicyWorker:
             loss.backward()
             tokens = metrics["tokens"]
             sums += torch.stack(
-                [loss.detach() / self.world_size, tokens]
-                + [metrics[k] * tokens for k in _METRIC_KEYS[2:]]
+                [loss.detach() / self.world_size, tokens] + [metrics[k] * tokens for k in _METRIC_KEYS[2:]]
             ).to(sums)
 
         grad_norm = self._clip_grad_norm()
@@ -312,7 +317,7 @@ class PolicyWorker:
 
     def _require(self, *, params: bool = False, optimizer: bool = False) -> None:
         if (params and self._params_offloaded) or (optimizer and self._optimizer_offloaded):
-            raise RuntimeError(f"rank {self.rank}: state is offloaded ({self.is_offloaded()}); call onload() first")
+            raise RuntimeError(f"rank {self.rank}: offloaded ({self.is_offloaded()}); call onload() first")
 
     def free_device_memory_bytes(self) -> int:
         """Free memory of this rank's device: the whole GPU's (all processes), or the host's available RAM."""
@@ -338,7 +343,7 @@ class PolicyWorker:
         self._require(params=True)
         return iter_full_weights(self.model, dtype)
 
-    def weights_manifest(self, dtype: torch.dtype | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def weights_manifest(self, dtype: torch.dtype | None = None) -> list[ManifestEntry]:
         """`(name, shape, dtype)` of what `iter_weights(dtype)` yields; gathers nothing."""
         return weights_manifest(self.model, dtype)
 

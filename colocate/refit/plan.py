@@ -105,8 +105,11 @@ def tensor_meta(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, st
     return [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named]
 
 
-def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int) -> Manifest:
-    """Pack tensors, given as (name, dtype name, shape), into buckets of at most `buffer_bytes` each."""
+def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int, *,
+         one_per_bucket: bool = False) -> Manifest:
+    """Pack tensors, given as (name, dtype name, shape), into buckets of at most `buffer_bytes` each.
+
+    `one_per_bucket` gives every tensor a bucket of its own (the naive per-tensor path, for comparison)."""
     if buffer_bytes < ALIGN:
         raise ValueError(f"buffer_bytes must be at least {ALIGN}, got {buffer_bytes}")
     seen: set[str] = set()
@@ -128,7 +131,7 @@ def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int) ->
         for d in shape:
             numel *= d
         nbytes = numel * dtype_from_name(dtype).itemsize
-        if nbytes > buffer_bytes:
+        if nbytes > buffer_bytes or one_per_bucket:
             close(len(entries))
             entries.append(Entry(name, dtype, tuple(shape), len(buckets), 0, nbytes))
             used = nbytes

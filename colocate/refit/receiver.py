@@ -116,14 +116,14 @@ class RefitReceiver:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         manifest: Manifest | None = None
         seen: bytearray | None = None
-        refit_id, seq = 0, 0
+        refit_id, seq, msg_refit_id = 0, 0, 0
         t0, load_s, nbytes, buckets = 0.0, 0.0, 0, 0
         try:
             while True:
                 msg = self._recv(timeout_s)
                 if msg.refit_id <= self._last_refit_id and not isinstance(msg, wire.Release):
                     continue  # stale: belongs to a refit that already ended
-                seq = msg.seq
+                seq, msg_refit_id = msg.seq, msg.refit_id
                 if isinstance(msg, wire.Prepare):
                     self._check_expected(msg.manifest)
                     self._manifests = {msg.manifest.digest(): msg.manifest}
@@ -165,11 +165,11 @@ class RefitReceiver:
                     return ReceiveStats(refit_id, buckets, nbytes, time.perf_counter() - t0, load_s)
         except RefitError:
             # The sender already knows (Abort) or is gone (timeout): nothing to tell it.
-            self._fail(refit_id)
+            self._fail(msg_refit_id)
             raise
         except Exception as e:
-            self._send(wire.Error(refit_id, seq, type(e).__name__, str(e), traceback.format_exc()))
-            self._fail(refit_id)
+            self._send(wire.Error(msg_refit_id, seq, type(e).__name__, str(e), traceback.format_exc()))
+            self._fail(msg_refit_id)
             if isinstance(e, ManifestError):
                 raise RefitManifestError(f"receiver: {e}", side="receiver") from e
             raise

@@ -67,6 +67,8 @@ class RefitSender:
         self._seq = 0
         self._prepared: str | None = None
         self._buffers: list[SendBuffer] = []
+        self._temporaries: list[SendBuffer] = []  # oversized buckets in flight
+        self._in_flight: deque[tuple[int, int, SendBuffer | None]] = deque()  # (seq, slot, temporary)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -108,7 +110,7 @@ class RefitSender:
 
     # -- streaming ---------------------------------------------------------------------------------------
     def manifest(self, meta: Meta) -> Manifest:
-        return plan(meta, 1 if self.per_tensor else self.buffer_bytes)
+        return plan(meta, self.buffer_bytes, one_per_bucket=self.per_tensor)
 
     def stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], meta: Meta) -> StreamStats:
         """Send one refit. `meta` lists (name, dtype name, shape) in the order `named_tensors` yields them;
@@ -124,11 +126,21 @@ class RefitSender:
             raise
         except Exception as e:
             # Our own failure (bad tensor, bad iterator): the receiver must fail the same way, not time out.
+            # Let it finish the buckets already handed over first: their buffers must outlive its reads.
+            self._drain()
             self._abort(e)
             self._release_all(tell_receiver=False)
             if isinstance(e, ManifestError):
                 raise RefitManifestError(f"sender: {e}", side="sender") from e
             raise
+
+    def _drain(self) -> None:
+        try:
+            while self._in_flight:
+                self._wait_ack(self._in_flight.popleft()[0])
+        except RefitError:
+            pass  # the receiver failed too, or is gone: we report our own error
+        self._in_flight.clear()
 
     def _abort(self, e: Exception) -> None:
         # Never blocks: a dead receiver must not cost a second timeout.
@@ -152,7 +164,8 @@ class RefitSender:
         if not self.per_tensor and not self._buffers:
             self._buffers = [SendBuffer(self.buffer_bytes, device=self.device, job_dir=self.job_dir)
                              for _ in range(2)]
-        in_flight: deque[tuple[int, int, SendBuffer | None]] = deque()  # (seq, slot, temporary buffer)
+        in_flight = self._in_flight
+        in_flight.clear()
         pack_s = wait_s = 0.0
         index = 0  # next manifest entry expected
         entries = manifest.entries
@@ -165,6 +178,7 @@ class RefitSender:
             wait_s += time.perf_counter() - t
             if tmp is not None:
                 tmp.close()
+                self._temporaries.remove(tmp)
             if self.verify and ack.checksums is None:
                 raise RefitError(f"receiver returned no checksums for message {seq}")
 
@@ -210,13 +224,14 @@ class RefitSender:
         if self.device.type == "cuda" and t.is_cuda and t.is_contiguous():
             share = t.view(-1).view(torch.uint8) if t.numel() else None
         tmp = SendBuffer(e.nbytes, device=self.device, job_dir=self.job_dir, temporary=True, share=share)
+        self._temporaries.append(tmp)
         return tmp, tmp
 
     def _release_all(self, *, tell_receiver: bool) -> None:
         ids = [b.handle.id for b in self._buffers]
-        for b in self._buffers:
+        for b in self._buffers + self._temporaries:
             b.close()
-        self._buffers = []
+        self._buffers, self._temporaries = [], []
         self._prepared = None if not tell_receiver else self._prepared
         if tell_receiver and ids:
             seq = self._next_seq()

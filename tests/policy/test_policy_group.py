@@ -1,0 +1,189 @@
+"""Two FSDP2 ranks as Ray actors over gloo, on a tiny Qwen2 with tied embeddings.
+
+Shape legend: B = sequences, T = tokens per sequence.
+"""
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM
+
+from colocate.models.tiny import build_tiny_model
+from colocate.policy.group import PolicyError, PolicyGroup
+from colocate.policy.worker import PolicyWorker
+
+# The functions sent to workers through `execute` live here, in a module the workers cannot import.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+B, T, PROMPT = 4, 12, 6
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_tied"), tie_word_embeddings=True, seed=2)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _make_group(model_path: Path, num_workers: int = 2, **overrides: Any) -> PolicyGroup:
+    kwargs: dict[str, Any] = {
+        "model_path": str(model_path),
+        "device": "cpu",
+        "param_dtype": "float32",
+        "lr": 1e-5,  # small enough that 4 steps stay mostly inside the clip range
+        "micro_batch_size": 1,  # two micro-batches per rank: gradient accumulation is exercised
+        "max_grad_norm": 1.0,
+        "seed": 0,
+        **overrides,
+    }
+    # Half a CPU each, so a second group fits beside the module's on a 2-CPU cluster.
+    return PolicyGroup(
+        num_workers=num_workers,
+        num_cpus_per_worker=0.5,
+        env_vars={"OMP_NUM_THREADS": "1"},
+        call_timeout_s=60,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def group(ray_cluster: None, model_path: Path) -> Iterator[PolicyGroup]:
+    g = _make_group(model_path)
+    yield g
+    g.shutdown()
+
+
+def _batch(group: PolicyGroup) -> dict[str, torch.Tensor]:
+    """Prompts of PROMPT tokens (row 1 left-padded), responses after them (row 2 right-padded)."""
+    gen = torch.Generator().manual_seed(0)
+    input_ids_BT = torch.randint(3, 512, (B, T), generator=gen)
+    attention_mask_BT = torch.ones(B, T, dtype=torch.long)
+    attention_mask_BT[1, :2] = 0
+    attention_mask_BT[2, -3:] = 0
+    input_ids_BT[attention_mask_BT == 0] = 2
+    response_mask_BT = attention_mask_BT.clone()
+    response_mask_BT[:, :PROMPT] = 0
+    return {
+        "input_ids": input_ids_BT,
+        "attention_mask": attention_mask_BT,
+        "response_mask": response_mask_BT,
+        "old_logprobs": group.logprobs(input_ids_BT, attention_mask_BT),
+        "advantages": torch.tensor([1.0, -1.0, 1.0, -1.0]),
+    }
+
+
+def _response_logprob_B(group: PolicyGroup, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logprobs_BT = group.logprobs(batch["input_ids"], batch["attention_mask"])
+    return (logprobs_BT * batch["response_mask"]).sum(-1)
+
+
+def test_training_raises_advantaged_responses_and_lowers_loss(group: PolicyGroup) -> None:
+    batch = _batch(group)  # old_logprobs stay those of step 0: the surrogate is off-policy after it
+    before_B = _response_logprob_B(group, batch)
+    metrics = [group.train_step(batch) for _ in range(4)]
+    after_B = _response_logprob_B(group, batch)
+
+    losses = [m["loss"] for m in metrics]
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert metrics[0]["ratio_mean"] == pytest.approx(1.0)  # step 0 is on-policy
+    assert metrics[0]["tokens"] == float(batch["response_mask"].sum())
+    assert [m["step"] for m in metrics] == [1.0, 2.0, 3.0, 4.0]
+    assert all(m["grad_norm"] > 0 and m["skipped"] == 0.0 for m in metrics)
+    advantaged = batch["advantages"] > 0
+    assert (after_B[advantaged] > before_B[advantaged]).all(), (before_B, after_B)
+    assert (after_B[~advantaged] < before_B[~advantaged]).all(), (before_B, after_B)
+
+
+def test_gradient_is_that_of_the_whole_batch(group: PolicyGroup, tmp_path: Path) -> None:
+    """2 ranks x 2 micro-batches of 1 give the loss and gradient norm of 1 rank x 1 micro-batch of 4."""
+    group.export_hf(str(tmp_path / "now"))  # the single rank starts from the group's current weights
+    single = _make_group(tmp_path / "now", num_workers=1, micro_batch_size=B)
+    try:
+        batch = _batch(group)
+        batch["advantages"] = torch.tensor([2.0, -1.0, 0.5, 0.0])
+        # Both are measured before their optimizers step, so their differing AdamW moments do not matter.
+        want, got = single.train_step(batch), group.train_step(batch)
+    finally:
+        single.shutdown()
+    for key in ("grad_norm", "loss", "pg_loss", "tokens"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
+def _stream_and_gather(worker: PolicyWorker) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    streamed = {name: tensor.clone() for name, tensor in worker.iter_weights()}
+    # The reference path: DCP's full state dict, gathered independently of iter_weights.
+    full = get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return (streamed, full) if worker.rank == 0 else None
+
+
+def test_iter_weights_equal_full_state_dict_after_a_step(group: PolicyGroup, tmp_path: Path) -> None:
+    batch = _batch(group)
+    group.train_step(batch)
+    group.logprobs(batch["input_ids"], batch["attention_mask"])  # leaves the root FSDP unit unsharded
+    streamed, full = group.execute(_stream_and_gather)[0]
+
+    # Tied: lm_head.weight is the embedding, streamed once under the embedding's name.
+    assert "lm_head.weight" in full and "lm_head.weight" not in streamed
+    assert torch.equal(full["lm_head.weight"], full["model.embed_tokens.weight"])
+    assert list(streamed) == [name for name in full if name != "lm_head.weight"]
+    for name, tensor in streamed.items():
+        assert tensor.dtype == full[name].dtype == torch.float32, name
+        assert tensor.shape == full[name].shape, name
+        assert torch.equal(tensor, full[name]), name
+
+    manifest = group.weights_manifest()
+    assert manifest == [(n, tuple(t.shape), t.dtype) for n, t in streamed.items()]
+
+    group.export_hf(str(tmp_path / "hf"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert exported.config.tie_word_embeddings
+    exported_sd = exported.state_dict()
+    for name, tensor in streamed.items():
+        assert torch.equal(exported_sd[name], tensor), name
+
+
+def test_resume_reproduces_the_next_step(group: PolicyGroup, model_path: Path, tmp_path: Path) -> None:
+    batch = _batch(group)
+    group.train_step(batch)
+    group.save_checkpoint(str(tmp_path / "ckpt"))
+    step = group.run_all("execute", lambda w: w.step)[0]
+    want = group.train_step(batch)
+
+    resumed = _make_group(model_path)
+    try:
+        assert resumed.load_checkpoint(str(tmp_path / "ckpt")) == step
+        got = resumed.train_step(batch)
+    finally:
+        resumed.shutdown()
+    assert got == want  # every metric, bit for bit: model, AdamW moments, step and LR schedule all restored
+
+
+def _fail_on_rank_1(worker: PolicyWorker) -> int:
+    if worker.rank == 1:
+        raise ValueError("boom on purpose")
+    return worker.rank
+
+
+def test_a_failing_rank_raises_policy_error_with_its_traceback(group: PolicyGroup) -> None:
+    with pytest.raises(PolicyError) as info:
+        group.execute(_fail_on_rank_1)
+    assert info.value.rank == 1
+    assert info.value.method == "execute"
+    assert "boom on purpose" in info.value.traceback
+    assert "_fail_on_rank_1" in info.value.traceback  # the remote frame, not just the message
+
+
+def test_batches_must_split_evenly(group: PolicyGroup) -> None:
+    with pytest.raises(ValueError, match="split evenly"):
+        group.logprobs(torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long))

@@ -272,7 +272,8 @@ def test_200_refits_leave_nothing_behind(job):
             receiver_fds.append(rfds)
             # during the job: the receiver's socket and the two ping-pong segments, nothing per refit
             assert len(os.listdir(job_dir)) == 3
-    assert sender_fds[0] == sender_fds[1] and receiver_fds[0] == receiver_fds[1]
+    # A per-refit leak would add ~190 descriptors; ZMQ's own I/O thread may hold one more or less at a time.
+    assert abs(sender_fds[1] - sender_fds[0]) <= 2 and abs(receiver_fds[1] - receiver_fds[0]) <= 2
     s.close()
     kind, _, left = peer.result()
     assert kind == "closed" and left == []

@@ -231,7 +231,7 @@ class PolicyWorker:
         # Each micro-batch's loss is a share of the global batch's loss, so the accumulated gradient is the
         # whole batch's. FSDP2 averages gradients over ranks; the world_size factor undoes that average.
         denom = global_tokens if self.loss_agg == "token_mean" else global_seqs
-        loss_denom = denom
+        loss_denom = denom / self.world_size
 
         sums = torch.zeros(len(_METRIC_KEYS), dtype=torch.float64, device=self.device)
         for mb in micro_batches:

@@ -281,5 +281,5 @@ def test_200_refits_leave_nothing_behind(job):
     peer.conn.close()
     peer.proc.close()
     assert os.listdir(job_dir) == []
-    assert fd_count() <= fds_before
+    assert fd_count() <= fds_before + 1  # + multiprocessing's resource tracker, started by the first spawn
     assert set(os.listdir("/dev/shm")) - shm_before == set()

@@ -166,7 +166,8 @@ def begin_weight_update(worker: Any) -> None:
     if _uses_layerwise_reload(worker):
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        pass
+        with _loading_context(worker):
+            initialize_layerwise_reload(_model(worker))
     setattr(worker, _ACTIVE, True)
 
 
@@ -179,7 +180,8 @@ def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]
         raise RuntimeError("load_weights_into_worker called outside begin/finish_weight_update")
     if _uses_layerwise_reload(worker):
         weights = [(name, tensor.clone()) for name, tensor in weights]
-    worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    with _loading_context(worker):
+        _model(worker).load_weights(weights=weights)
 
 
 def finish_weight_update(worker: Any) -> None:
@@ -190,7 +192,8 @@ def finish_weight_update(worker: Any) -> None:
     if _uses_layerwise_reload(worker):
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        pass
+        with _loading_context(worker):
+            finalize_layerwise_reload(_model(worker), worker.model_config)
 
 
 def engine_named_parameters(worker: Any) -> dict[str, torch.Tensor]:

@@ -64,7 +64,7 @@ def load_checkpoint(
         "trainer": {"step": 0, "scheduler": scheduler.state_dict()},
     }
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=get_state_dict(model, optimizer)[1])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(state["trainer"]["scheduler"])
     return int(state["trainer"]["step"])
 

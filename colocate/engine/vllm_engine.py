@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -75,7 +75,7 @@ def make_llm(
     worker_extension_cls: str | None = None,
     enable_sleep_mode: bool = False,
 ) -> LLM:
-    """Start a `vllm.LLM`; on CPU in-process, eager, with a small KV cache, and started in about 3 s.
+    """Start a `vllm.LLM`. On CPU: in-process, eager, a small KV cache; up in ~2 s once vLLM is imported.
 
     CPU settings and why:
     - `VLLM_ENABLE_V1_MULTIPROCESSING=0` (unless set): the engine core and its one worker live in this
@@ -90,7 +90,8 @@ def make_llm(
     - `enable_sleep_mode` is dropped: the CPU platform refuses it, and `llm.sleep()`/`wake_up()` work
       anyway (as no-ops).
     - The CPU worker replaces `torch.set_num_threads` process-wide with a function that only warns; it is
-      put back once the engine is up, so the trainer in the same process keeps control of its threads.
+      put back once the engine is up, so the trainer in the same process keeps control of its threads
+      (vLLM's own startup call that would drop torch to 1 thread is swallowed by it, so threads stay).
     The first start on a machine also spends ~13 s in a subprocess that inspects the model class; vLLM
     caches the result under ~/.cache/vllm/modelinfos.
     """
@@ -150,18 +151,14 @@ def _uses_layerwise_reload(worker: Any) -> bool:
 def _loading_context(worker: Any) -> Iterator[None]:
     from vllm.config import set_current_vllm_config
 
-    with ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
-        # Layer post-processing may look up the current config; 0.24 also materialises layers on the
-        # default device.
-        stack.enter_context(set_current_vllm_config(worker.vllm_config))
-        stack.enter_context(torch.device(worker.device))
+    # Layer post-processing may look up the current config; 0.24 materialises layers on the default device.
+    with torch.no_grad(), set_current_vllm_config(worker.vllm_config), torch.device(worker.device):
         yield
 
 
 def begin_weight_update(worker: Any) -> None:
     """Start a refit on this worker. Raises if one is already in progress."""
-    if getattr(worker, _ACTIVE, False):
+    if weight_update_active(worker):
         raise RuntimeError("begin_weight_update called twice without finish_weight_update")
     if _uses_layerwise_reload(worker):
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -176,7 +173,7 @@ def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]
 
     The tensors may be reused by the caller as soon as this returns.
     """
-    if not getattr(worker, _ACTIVE, False):
+    if not weight_update_active(worker):
         raise RuntimeError("load_weights_into_worker called outside begin/finish_weight_update")
     if _uses_layerwise_reload(worker):
         weights = [(name, tensor.clone()) for name, tensor in weights]
@@ -184,9 +181,19 @@ def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]
         _model(worker).load_weights(weights=weights)
 
 
+def weight_update_active(worker: Any) -> bool:
+    """Whether this worker is between begin_weight_update and finish_weight_update."""
+    return getattr(worker, _ACTIVE, False)
+
+
 def finish_weight_update(worker: Any) -> None:
-    """End the refit: layers not yet processed are processed now, and untouched ones keep their weights."""
-    if not getattr(worker, _ACTIVE, False):
+    """End the refit: layers not yet processed are processed now, and untouched ones keep their weights.
+
+    Also the way out of an aborted refit: on the layerwise path a layer that received only some of its
+    tensors is then processed with the rest uninitialised, so the weights are only right again after the
+    next complete refit.
+    """
+    if not weight_update_active(worker):
         raise RuntimeError("finish_weight_update called without begin_weight_update")
     setattr(worker, _ACTIVE, False)
     if _uses_layerwise_reload(worker):

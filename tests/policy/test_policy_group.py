@@ -42,6 +42,10 @@ def _make_group(model_path: Path, num_workers: int = 2, **overrides: Any) -> Pol
         "device": "cpu",
         "param_dtype": "float32",
         "lr": 1e-5,  # small enough that 4 steps stay mostly inside the clip range
+        # A schedule that changes the LR every step, so a resume that lost the scheduler shows.
+        "warmup_steps": 2,
+        "total_steps": 50,
+        "lr_decay": "linear",
         "micro_batch_size": 1,  # two micro-batches per rank: gradient accumulation is exercised
         "max_grad_norm": 1.0,
         "seed": 0,
@@ -158,15 +162,17 @@ def test_resume_reproduces_the_next_step(group: PolicyGroup, model_path: Path, t
     group.train_step(batch)
     group.save_checkpoint(str(tmp_path / "ckpt"))
     step = group.run_all("execute", lambda w: w.step)[0]
-    want = group.train_step(batch)
+    # Two steps: the first one's metrics see only the weights; the second's also see the AdamW moments and
+    # the LR schedule through the update the first made.
+    want = [group.train_step(batch) for _ in range(2)]
 
     resumed = _make_group(model_path)
     try:
         assert resumed.load_checkpoint(str(tmp_path / "ckpt")) == step
-        got = resumed.train_step(batch)
+        got = [resumed.train_step(batch) for _ in range(2)]
     finally:
         resumed.shutdown()
-    assert got == want  # every metric, bit for bit: model, AdamW moments, step and LR schedule all restored
+    assert got == want  # every metric, bit for bit
 
 
 def _fail_on_rank_1(worker: PolicyWorker) -> int:

@@ -1,0 +1,93 @@
+"""The receiving end of a colocated refit inside a vLLM worker (`worker_extension_cls`).
+
+    llm = make_llm(path, worker_extension_cls="colocate.refit.vllm_ext.ColocateRefitExtension")
+    [address] = llm.collective_rpc("colocate_refit_open", args=(job_dir, token, timeout_s))
+    ... register `address` under `colocate_device_key()` with the rendezvous; the policy looks it up ...
+    llm.collective_rpc("colocate_refit_receive")      # the update task: returns when one refit completed
+    llm.reset_prefix_cache()                          # cached KV came from the old weights
+
+Each bucket goes through `vllm_engine.load_weights_into_worker` (`model.load_weights` on GPU, the layerwise
+reload on CPU where vLLM repacks Linear weights). Method names start with `colocate_` because the worker has
+its own `update_weights` and friends, and vLLM refuses an extension whose names clash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from colocate.engine import vllm_engine
+from colocate.refit.checksum import checksum
+from colocate.refit.receiver import RefitReceiver
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """Exact on CPU (sha256 of the bytes); on GPU the on-device word sum, to keep 16 GB on the device."""
+    if t.is_cuda:
+        return f"sum:{checksum(t.contiguous().view(-1).view(torch.uint8))}"
+    flat = t.detach().contiguous().view(-1)
+    return "sha256:" + hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+
+
+class ColocateRefitExtension:
+    """Mixed into the vLLM worker, so `self` is the worker."""
+
+    _colocate_receiver: RefitReceiver | None = None
+    _colocate_record: bool = False
+    _colocate_seen: dict[str, str]
+
+    def colocate_refit_open(self, job_dir: str, token: str, timeout_s: float = 60.0, record: bool = False) -> str:
+        """Bind this worker's receiver in the job's private directory; returns its address."""
+        if self._colocate_receiver is not None:
+            self._colocate_receiver.close()
+        self._colocate_record = record
+        self._colocate_seen = {}
+
+        def load(weights: list[tuple[str, torch.Tensor]]) -> None:
+            if self._colocate_record:
+                self._colocate_seen.update((n, fingerprint(t)) for n, t in weights)
+            vllm_engine.load_weights_into_worker(self, weights)
+
+        self._colocate_receiver = RefitReceiver(
+            job_dir=job_dir, token=token, load_fn=load, timeout_s=timeout_s,
+            begin_fn=lambda: vllm_engine.begin_weight_update(self),
+            finish_fn=lambda: vllm_engine.finish_weight_update(self),
+        )
+        return self._colocate_receiver.address
+
+    def colocate_refit_receive(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Serve one refit (the engine's update task). Raises the protocol's named errors."""
+        if self._colocate_receiver is None:
+            raise RuntimeError("colocate_refit_open was not called on this worker")
+        self._colocate_seen = {}
+        try:
+            return asdict(self._colocate_receiver.receive(timeout_s))
+        except BaseException:
+            # Leave the engine servable (on CPU, layers restored to checkpoint format must be repacked) and
+            # ready for the next refit; the caller knows this refit failed and keeps its weight version.
+            if getattr(self, vllm_engine._ACTIVE, False):
+                vllm_engine.finish_weight_update(self)
+            raise
+
+    def colocate_refit_close(self) -> None:
+        if self._colocate_receiver is not None:
+            self._colocate_receiver.close()
+            self._colocate_receiver = None
+
+    def colocate_device_key(self) -> str:
+        """Which device this worker runs on: "cuda:<uuid>", or "cpu:0"."""
+        if torch.cuda.is_available():
+            return "cuda:" + str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        return "cpu:0"
+
+    def colocate_received_fingerprints(self) -> dict[str, str]:
+        """What the last refit handed to the engine, per tensor (with `record=True`)."""
+        return dict(self._colocate_seen)
+
+    def colocate_param_fingerprints(self) -> dict[str, str]:
+        """The engine's parameters as it holds them (vLLM names; on CPU, repacked Linears are empty)."""
+        return {n: fingerprint(p.data) for n, p in vllm_engine.engine_named_parameters(self).items()
+                if p.numel() > 0}

@@ -3,7 +3,7 @@
 Protocol state machine (receiver side). S = sender, R = receiver; every frame is [token, header] (wire.py).
 
     IDLE ──Prepare(manifest)──▶ IDLE          store the manifest by digest, check it against `expected`; Ack
-    IDLE ──Release(ids)───────▶ IDLE          close the cached buffers S freed; Ack
+    IDLE ──Release(ids)───────▶ IDLE          close the cached buffers S freed (no reply: S may be gone)
     IDLE ──Begin(digest)──────▶ RECEIVING     unknown digest -> Error; call begin_fn; Ack
     RECEIVING ──Load(bucket)──▶ RECEIVING     check the bucket (entries not yet seen, buffer big enough),
                                               open the buffer (cached by id), build views from the manifest,
@@ -17,7 +17,9 @@ Protocol state machine (receiver side). S = sender, R = receiver; every frame is
     any ──nothing for timeout─▶ IDLE          raise RefitTimeoutError (S is dead or stuck)
     any ──local exception─────▶ IDLE          send Error(kind, traceback) to S, drop cached buffers, raise
 
-Messages from an older refit id than the current one are stale (a reply to an aborted refit) and dropped.
+Messages with a refit id no newer than the last one that ended for that sender (refit ids count per
+connection) are stale, left over from an aborted refit, and dropped. Several senders may use one receiver
+in turn (the benchmark does), each with its own manifest.
 S never has more than two Loads unacked (the ping-pong buffers), so R never waits on S while S waits on R.
 """
 
@@ -74,7 +76,7 @@ class RefitReceiver:
         self.rejected = 0
         self.cache = BufferCache(job_dir)
         self._manifests: dict[str, Manifest] = {}
-        self._last_refit_id = 0
+        self._last_refit_id: dict[bytes, int] = {}  # per sender connection
         self._peer: bytes | None = None
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -121,16 +123,15 @@ class RefitReceiver:
         try:
             while True:
                 msg = self._recv(timeout_s)
-                if msg.refit_id <= self._last_refit_id and not isinstance(msg, wire.Release):
+                if msg.refit_id <= self._last_refit_id.get(self._peer, 0) and not isinstance(msg, wire.Release):
                     continue  # stale: belongs to a refit that already ended
                 seq, msg_refit_id = msg.seq, msg.refit_id
                 if isinstance(msg, wire.Prepare):
                     self._check_expected(msg.manifest)
-                    self._manifests = {msg.manifest.digest(): msg.manifest}
+                    self._manifests[msg.manifest.digest()] = msg.manifest
                     self._send(wire.Ack(msg.refit_id, msg.seq))
                 elif isinstance(msg, wire.Release):
                     self.cache.drop(msg.buffer_ids)
-                    self._send(wire.Ack(msg.refit_id, msg.seq))
                 elif isinstance(msg, wire.Begin):
                     manifest = self._manifests.get(msg.digest)
                     if manifest is None:
@@ -160,7 +161,7 @@ class RefitReceiver:
                         raise RefitError(f"sender sent {msg.buckets_sent} buckets, received {buckets}")
                     if self.finish_fn is not None:
                         self.finish_fn()
-                    self._last_refit_id = refit_id
+                    self._last_refit_id[self._peer] = refit_id
                     self._send(wire.Ack(msg.refit_id, msg.seq))
                     return ReceiveStats(refit_id, buckets, nbytes, time.perf_counter() - t0, load_s)
         except RefitError:
@@ -175,7 +176,8 @@ class RefitReceiver:
             raise
 
     def _fail(self, refit_id: int) -> None:
-        self._last_refit_id = max(self._last_refit_id, refit_id)
+        if self._peer is not None:
+            self._last_refit_id[self._peer] = max(self._last_refit_id.get(self._peer, 0), refit_id)
         self.cache.drop()
 
     def _check_expected(self, manifest: Manifest) -> None:

@@ -11,6 +11,7 @@ every buffer is freed and the receiver told to drop its handles; `close()` frees
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from collections import deque
@@ -234,17 +235,15 @@ class RefitSender:
         self._buffers, self._temporaries = [], []
         self._prepared = None if not tell_receiver else self._prepared
         if tell_receiver and ids:
-            seq = self._next_seq()
-            self._send(wire.Release(self._refit_id, seq, ids))
-            self._wait_ack(seq)
+            # Fire and forget: the receiver may not be serving now (it drops them when it next serves).
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send_multipart(wire.encode(self.token, wire.Release(self._refit_id, self._next_seq(), ids)),
+                                          flags=zmq.NOBLOCK)
 
     def close(self) -> None:
         """Free the buffers and tell the receiver to drop them (best effort: it may be gone)."""
-        try:
-            self._release_all(tell_receiver=True)
-        except RefitError:
-            self._release_all(tell_receiver=False)
-        self._sock.close(0)
+        self._release_all(tell_receiver=True)
+        self._sock.close(linger=200)  # long enough to hand the Release over, bounded if the peer is gone
         self._ctx.term()
 
 

@@ -33,7 +33,9 @@ def _inputs(requires_grad: bool = False) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(("loss_agg", "expected"), [("token_mean", TOKEN_MEAN), ("seq_mean_token_mean", SEQ_MEAN)])
+@pytest.mark.parametrize(
+    ("loss_agg", "expected"), [("token_mean", TOKEN_MEAN), ("seq_mean_token_mean", SEQ_MEAN)]
+)
 def test_hand_checked_clipping_and_aggregation(loss_agg: str, expected: float) -> None:
     loss, metrics = grpo_loss(**_inputs(), loss_agg=loss_agg)
     assert loss.item() == pytest.approx(expected)

@@ -3,6 +3,7 @@
 Shape legend: B = sequences, T = tokens per sequence.
 """
 
+import itertools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,7 +100,7 @@ def test_training_raises_advantaged_responses_and_lowers_loss(group: PolicyGroup
     after_B = _response_logprob_B(group, batch)
 
     losses = [m["loss"] for m in metrics]
-    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert metrics[0]["ratio_mean"] == pytest.approx(1.0)  # step 0 is on-policy
     assert metrics[0]["tokens"] == float(batch["response_mask"].sum())
     assert [m["step"] for m in metrics] == [1.0, 2.0, 3.0, 4.0]
@@ -124,10 +125,14 @@ def test_gradient_is_that_of_the_whole_batch(group: PolicyGroup, tmp_path: Path)
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
 
 
-def _stream_and_gather(worker: PolicyWorker) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+def _stream_and_gather(
+    worker: PolicyWorker,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     streamed = {name: tensor.clone() for name, tensor in worker.iter_weights()}
     # The reference path: DCP's full state dict, gathered independently of iter_weights.
-    full = get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(
+        worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     return (streamed, full) if worker.rank == 0 else None
 
 

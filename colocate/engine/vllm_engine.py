@@ -74,6 +74,8 @@ def make_llm(
     tensor_parallel_size: int = 1,
     worker_extension_cls: str | None = None,
     enable_sleep_mode: bool = False,
+    skip_tokenizer_init: bool = False,
+    extra_engine_kwargs: dict[str, Any] | None = None,
 ) -> LLM:
     """Start a `vllm.LLM`. On CPU: in-process, eager, a small KV cache; up in ~2 s once vLLM is imported.
 
@@ -117,6 +119,9 @@ def make_llm(
         kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     if worker_extension_cls is not None:
         kwargs["worker_extension_cls"] = worker_extension_cls
+    if skip_tokenizer_init:  # shape-only engines (load_format="dummy") need no tokenizer
+        kwargs["skip_tokenizer_init"] = True
+    kwargs.update(extra_engine_kwargs or {})
     set_num_threads = torch.set_num_threads
     try:
         return vllm.LLM(**kwargs)

@@ -72,6 +72,10 @@ class ColocateRefitExtension:
                 vllm_engine.finish_weight_update(self)
             raise
 
+    def colocate_refit_set_record(self, record: bool) -> None:
+        """Fingerprint every tensor handed to the engine in the next refits (costs time: not for timing)."""
+        self._colocate_record = record
+
     def colocate_refit_close(self) -> None:
         if self._colocate_receiver is not None:
             self._colocate_receiver.close()

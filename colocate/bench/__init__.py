@@ -1,0 +1,1 @@
+"""Benchmarks: colocated refit against vLLM's own weight-transfer path."""

@@ -1,0 +1,38 @@
+"""Which tensors a refit moves for a model: HF names, shapes and dtype, from a config alone.
+
+`--model` takes `tiny` (built here), a shape set shipped in `colocate/bench/shapes/` (`llama3-8b`,
+`qwen2.5-1.5b`: configs only, for engines with `load_format="dummy"`), or a local HF directory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+SHAPES = Path(__file__).parent / "shapes"
+
+
+def resolve_model(model: str) -> tuple[Path, bool]:
+    """(directory with config.json, whether it holds weights)."""
+    if model == "tiny":
+        from colocate.models.tiny import build_tiny_model
+
+        return build_tiny_model(Path(tempfile.mkdtemp(prefix="colocate-tiny-")), seed=0), True
+    path = SHAPES / model if (SHAPES / model).is_dir() else Path(model)
+    if not (path / "config.json").exists():
+        known = sorted(p.name for p in SHAPES.iterdir())
+        raise FileNotFoundError(f"--model {model!r}: no config.json there (shape sets: tiny, {', '.join(known)})")
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    return path, has_weights
+
+
+def param_meta(model_dir: Path, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...]]]:
+    """HF parameter names and shapes, built on the meta device: tied weights appear once (as vLLM loads)."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]

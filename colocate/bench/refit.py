@@ -1,0 +1,393 @@
+"""Refit benchmark: a model's tensors from a trainer process into a vLLM engine in another process on the
+same device, by every method side by side, from one run.
+
+    python -m colocate.bench.refit --device cuda --model llama3-8b --repeats 10 --json out.json
+    python -m colocate.bench.refit --device cpu --model tiny --repeats 5 --json out.json
+
+Methods (each: warm-up refit first, then `--repeats` timed ones, median reported):
+  colocate             ping-pong buffers, packing bucket N+1 while the engine loads bucket N
+  colocate_serial      the same protocol with overlap off (wait for each ack before packing the next)
+  per_tensor           one handle per tensor (GPU: the tensor itself shared by CUDA IPC; CPU: a segment each)
+  vllm_native          vLLM's own IPC weight-transfer engine, packed buffers (GPU only)
+  vllm_native_unpacked the same, one IPC handle per tensor (GPU only)
+  floor                one process, one device copy per tensor: what any refit must at least spend
+  floor_pack_unpack    one process, pack into buffers then unpack: the two copies a bucketed refit makes
+
+`correct` (refit methods): after one more, recorded refit, the tensors the engine was handed equal what was
+sent (CPU: sha256 of the bytes; GPU: on-device word sums), and so do the engine's parameters wherever vLLM
+keeps them readable (GPU: all, fused q/k/v and gate/up checked against the sum of their parts; CPU: those
+not repacked). Floors: the destination equals the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from colocate.bench.model_shapes import param_meta, resolve_model
+from colocate.refit.jobdir import new_job_dir, new_token
+
+REFIT_METHODS = ("colocate", "colocate_serial", "per_tensor")
+NATIVE_METHODS = ("vllm_native", "vllm_native_unpacked")
+FLOOR_METHODS = ("floor", "floor_pack_unpack")
+ALL_METHODS = REFIT_METHODS + NATIVE_METHODS + FLOOR_METHODS
+EXT = "colocate.refit.vllm_ext.ColocateRefitExtension"
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m colocate.bench.refit", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="tiny", help="tiny | llama3-8b | qwen2.5-1.5b | a HF directory")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--buffer-mb", type=float, default=512, help="size of each of the two ping-pong buffers")
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--plot", default=None, help="PNG path (default: beside --json)")
+    return p.parse_args(argv)
+
+
+# ---- verification ---------------------------------------------------------------------------------------
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def engine_params_match(params: dict[str, str], sent: dict[str, str]) -> tuple[bool, int]:
+    """Compare the engine's parameter fingerprints with what was sent; returns (all equal, how many compared).
+
+    A fused vLLM parameter (qkv_proj, gate_up_proj) is the concatenation of its HF parts: with word-sum
+    fingerprints its sum is the sum of theirs (zero padding adds nothing). Exact hashes are compared 1:1."""
+    compared, ok = 0, True
+    for vname, fp in params.items():
+        parts = [vname]
+        for fused, subs in FUSED.items():
+            if f".{fused}." in vname:
+                parts = [vname.replace(fused, s) for s in subs]
+        if not all(p in sent for p in parts):
+            continue
+        fps = [sent[p] for p in parts]
+        if len(fps) == 1:
+            want = fps[0]
+        elif all(f.startswith("sum:") for f in fps):
+            want = "sum:%d" % sum(int(f[4:]) for f in fps)
+        else:
+            continue
+        compared += 1
+        ok = ok and fp == want
+    return ok and compared > 0, compared
+
+
+# ---- the trainer process --------------------------------------------------------------------------------
+
+
+def _make_tensors(meta, dtype: torch.dtype, device: str, seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [(n, torch.randn(shape, dtype=dtype, device=device, generator=g)) for n, shape in meta]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, repeats: int, device: str) -> tuple[float, list[float]]:
+    """(cold time, timed repeats) of fn, synchronised."""
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    cold = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return cold, times
+
+
+def _floor(method: str, tensors, meta_full, buffer_bytes: int, repeats: int, device: str) -> dict[str, Any]:
+    from colocate.refit.plan import dtype_from_name, plan
+
+    dst = [torch.empty_like(t) for _, t in tensors]
+    if method == "floor":
+        def run() -> None:
+            for d, (_, t) in zip(dst, tensors, strict=True):
+                d.copy_(t)
+    else:
+        manifest = plan(meta_full, buffer_bytes)
+        buf = torch.empty(buffer_bytes, dtype=torch.uint8, device=device)
+
+        def run() -> None:
+            for b in manifest.buckets:
+                span = range(b.first, b.last)
+                big = torch.empty(b.nbytes, dtype=torch.uint8, device=device) if b.oversized else buf
+                views = []
+                for i in span:
+                    e = manifest.entries[i]
+                    views.append(big[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape))
+                for i, v in zip(span, views, strict=True):
+                    v.copy_(tensors[i][1])
+                for i, v in zip(span, views, strict=True):
+                    dst[i].copy_(v)
+    cold, times = _time(run, repeats, device)
+    correct = all(torch.equal(d, t) for d, (_, t) in zip(dst, tensors, strict=True))
+    del dst
+    return {"cold_s": cold, "times_s": times, "correct": correct}
+
+
+def trainer_main(conn, args: dict[str, Any]) -> None:
+    """Runs in its own process: holds the tensors, drives every method, reports timings."""
+    try:
+        _trainer(conn, args)
+    except BaseException as e:
+        conn.send(("fatal", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _trainer(conn, a: dict[str, Any]) -> None:
+    from colocate.refit.plan import tensor_meta
+    from colocate.refit.sender import RefitSender
+    from colocate.refit.vllm_ext import fingerprint
+
+    device, repeats = a["device"], a["repeats"]
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    tensors = _make_tensors(a["meta"], getattr(torch, a["dtype"]), device, seed=1)
+    meta_full = tensor_meta(tensors)
+    sent_fps = {n: fingerprint(t) for n, t in tensors}
+    conn.send(("ready", sum(t.numel() * t.element_size() for _, t in tensors), len(tensors)))
+
+    def call_engine(name: str, kwargs: dict) -> Any:
+        conn.send(("call", name, kwargs))
+        kind, value = conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"engine call {name} failed:\n{value}")
+        return value
+
+    for method in a["methods"]:
+        row: dict[str, Any] = {"method": method}
+        try:
+            if method in FLOOR_METHODS:
+                row.update(_floor(method, tensors, meta_full, a["buffer_bytes"], repeats, device))
+            elif method in REFIT_METHODS:
+                sender = RefitSender(address=a["address"], token=a["token"], job_dir=a["job_dir"], device=device,
+                                     buffer_bytes=a["buffer_bytes"], timeout_s=a["timeout"],
+                                     overlap=method != "colocate_serial", per_tensor=method == "per_tensor")
+                # warm-up, timed repeats, then one the engine records for `correct`
+                conn.send(("serve", repeats + 2))
+                cold, times = _time(lambda s=sender: s.stream(iter(tensors), meta_full), repeats, device)
+                sender.stream(iter(tensors), meta_full)
+                received, params = call_engine("colocate_fingerprints", {})
+                sender.close()
+                params_ok, compared = engine_params_match(params, sent_fps)
+                row.update(cold_s=cold, times_s=times, correct=received == sent_fps and params_ok,
+                           received_equal=received == sent_fps, params_compared=compared)
+            elif method in NATIVE_METHODS:
+                if device != "cuda":
+                    row["skipped"] = "vLLM's IPC weight transfer is CUDA only"
+                else:
+                    from colocate.bench.vllm_native import native_refit
+
+                    packed = method == "vllm_native"
+                    # vLLM's packed buffer must hold the largest tensor (Llama-3-8B's embedding: 1.05 GB)
+                    bucket = max(1 << 30, max(t.numel() * t.element_size() for _, t in tensors))
+                    cold, times = _time(lambda p=packed: native_refit(tensors, packed=p, call_engine=call_engine,
+                                                                      bucket_bytes=bucket), repeats, device)
+                    _received, params = call_engine("colocate_fingerprints", {})
+                    params_ok, compared = engine_params_match(params, sent_fps)
+                    row.update(cold_s=cold, times_s=times, correct=params_ok, params_compared=compared)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc()
+        conn.send(("row", row))
+    conn.send(("done",))
+
+
+# ---- the engine process (this one) ----------------------------------------------------------------------
+
+
+def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
+    rows = []
+    while True:
+        if not conn.poll(1.0):
+            if not proc.is_alive():
+                raise RuntimeError(f"trainer process died (exit code {proc.exitcode})")
+            continue
+        msg = conn.recv()
+        kind = msg[0]
+        if kind == "serve":
+            for i in range(msg[1]):
+                llm.collective_rpc("colocate_refit_set_record", args=(i == msg[1] - 1,))
+                llm.collective_rpc("colocate_refit_receive")
+        elif kind == "call":
+            name, kwargs = msg[1], msg[2]
+            try:
+                if name == "colocate_fingerprints":
+                    [received] = llm.collective_rpc("colocate_received_fingerprints")
+                    [params] = llm.collective_rpc("colocate_param_fingerprints")
+                    value = (received, params)
+                else:
+                    value = getattr(llm, name)(**kwargs)
+                conn.send(("ok", value))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+        elif kind == "row":
+            rows.append(msg[1])
+            r = msg[1]
+            status = r.get("error") or r.get("skipped") or f"median {statistics.median(r['times_s']) * 1e3:.2f} ms"
+            print(f"  {r['method']:<22} {status}", file=sys.stderr, flush=True)
+        elif kind == "done":
+            return rows
+        elif kind == "fatal":
+            raise RuntimeError(f"trainer process failed:\n{msg[1]}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from colocate.engine.vllm_engine import make_llm, shutdown_llm
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    model_dir, has_weights = resolve_model(args.model)
+    meta = param_meta(model_dir, getattr(torch, dtype))
+    job_dir, token = new_job_dir(), new_token()
+    extra: dict[str, Any] = {}
+    if args.device == "cuda" and any(m in NATIVE_METHODS for m in methods):
+        from colocate.bench.vllm_native import ENGINE_KWARGS
+
+        extra.update(ENGINE_KWARGS)
+    t = time.perf_counter()
+    llm = make_llm(str(model_dir), dtype=dtype, load_format="auto" if has_weights else "dummy", seed=0,
+                   max_model_len=256, kv_cache_memory_bytes=(1 << 30) if args.device == "cuda" else None,
+                   worker_extension_cls=EXT, skip_tokenizer_init=True, extra_engine_kwargs=extra)
+    print(f"engine up in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+    [address] = llm.collective_rpc("colocate_refit_open", args=(job_dir, token, args.timeout, False))
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    buffer_bytes = int(args.buffer_mb * (1 << 20))
+    proc = ctx.Process(target=trainer_main, daemon=True, args=(child, dict(
+        device=args.device, meta=meta, dtype=dtype, repeats=args.repeats, methods=methods, address=address,
+        token=token, job_dir=job_dir, buffer_bytes=buffer_bytes, timeout=args.timeout)))
+    proc.start()
+    try:
+        kind, *ready = conn.recv()
+        if kind == "fatal":
+            raise RuntimeError(ready[0])
+        total_bytes, n_tensors = ready
+        print(f"{args.model}: {n_tensors} tensors, {total_bytes / 1e9:.2f} GB {dtype}", file=sys.stderr)
+        rows = _serve_engine(llm, conn, proc)
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        llm.collective_rpc("colocate_refit_close")
+        shutdown_llm(llm)
+    return _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows)
+
+
+def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows) -> dict[str, Any]:
+    floor = next((statistics.median(r["times_s"]) for r in rows if r["method"] == "floor" and "times_s" in r), None)
+    for r in rows:
+        if "times_s" in r:
+            med = statistics.median(r["times_s"])
+            r["median_s"] = med
+            r["min_s"] = min(r["times_s"])
+            r["gb_per_s"] = total_bytes / med / 1e9
+            r["ratio_to_floor"] = med / floor if floor else None
+        r.setdefault("correct", None)
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else _cpu_name()
+    return {
+        "device": device,
+        "model": args.model,
+        "dtype": dtype,
+        "bytes": total_bytes,
+        "tensors": n_tensors,
+        "buffer_bytes": buffer_bytes,
+        "repeats": args.repeats,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m colocate.bench.refit " + " ".join(sys.argv[1:]),
+        "software": _versions(),
+        "results": rows,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _versions() -> dict[str, str]:
+    import vllm
+
+    return {"torch": torch.__version__, "vllm": vllm.__version__}
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"\n{report['model']} ({report['tensors']} tensors, {report['bytes'] / 1e9:.2f} GB {report['dtype']}) "
+          f"on {report['device']}, median of {report['repeats']}")
+    print(f"{'method':<22}{'median ms':>11}{'GB/s':>9}{'x floor':>9}  correct")
+    for r in report["results"]:
+        if "median_s" in r:
+            ratio = f"{r['ratio_to_floor']:.2f}" if r.get("ratio_to_floor") else "-"
+            print(f"{r['method']:<22}{r['median_s'] * 1e3:>11.2f}{r['gb_per_s']:>9.1f}{ratio:>9}  {r['correct']}")
+        else:
+            print(f"{r['method']:<22}  {r.get('skipped') or r.get('error')}")
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if "median_s" in r]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    names = [r["method"] for r in rows][::-1]
+    ms = [r["median_s"] * 1e3 for r in rows][::-1]
+    colors = ["tab:green" if n.startswith("colocate") else "tab:gray" if n.startswith("floor") else "tab:orange"
+              for n in names]
+    ax.barh(names, ms, color=colors)
+    for y, v in enumerate(ms):
+        ax.text(v, y, f" {v:.1f} ms", va="center")
+    ax.set_xlabel("median refit time (ms)")
+    ax.set_title(f"{report['model']}: {report['bytes'] / 1e9:.2f} GB {report['dtype']} on {report['device']}")
+    ax.set_xlim(0, max(ms) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    report = run(args)
+    print_table(report)
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(report, indent=1))
+        plot(report, args.plot or str(Path(args.json_path).with_suffix(".png")))
+    elif args.plot:
+        plot(report, args.plot)
+    return report
+
+
+if __name__ == "__main__":
+    main()

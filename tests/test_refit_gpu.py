@@ -1,0 +1,129 @@
+"""GPU: the colocated refit over CUDA IPC, two processes on one GPU, and into a vLLM engine.
+
+Skipped without CUDA (CI); run on the device machine with `pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+
+import pytest
+import torch
+
+from colocate.refit.jobdir import new_job_dir, new_token
+from colocate.refit.plan import tensor_meta
+
+pytestmark = pytest.mark.gpu
+CTX = mp.get_context("spawn")
+
+
+def _gpu_receiver(conn, job_dir, token, refits):
+    from colocate.refit.receiver import RefitReceiver
+
+    got = {}
+
+    def load(weights):
+        for n, t in weights:
+            got[n] = t.clone()
+
+    r = RefitReceiver(job_dir=job_dir, token=token, load_fn=load, timeout_s=60)
+    conn.send(r.address)
+    for _ in range(refits):
+        r.receive()
+        conn.send({n: t.cpu() for n, t in got.items()})
+        got.clear()
+    conn.send(len(r.cache))
+    r.close()
+
+
+def _tensors():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = [(f"w{i}", torch.randn(n, 257, device="cuda", generator=g).to(torch.bfloat16)) for i, n in
+           enumerate([3, 1000, 17, 4096, 5])]
+    out.append(("big", torch.randn(8192, 1024, device="cuda", generator=g)))  # 32 MiB: oversized below
+    out.append(("strided", torch.randn(64, 48, device="cuda", generator=g).t()))
+    return out
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_cuda_ipc_stream_is_bit_identical(per_tensor):
+    from colocate.refit.sender import RefitSender
+
+    job_dir, token = new_job_dir(), new_token()
+    conn, child = CTX.Pipe()
+    proc = CTX.Process(target=_gpu_receiver, args=(child, job_dir, token, 3), daemon=True)
+    proc.start()
+    address = conn.recv()
+    sent = _tensors()
+    s = RefitSender(address=address, token=token, job_dir=job_dir, device="cuda", buffer_bytes=4 << 20,
+                    timeout_s=60, verify=True, per_tensor=per_tensor)
+    for _ in range(3):
+        s.stream(iter(sent), tensor_meta(sent))
+        got = conn.recv()
+        assert list(got) == [n for n, _ in sent]
+        for n, t in sent:
+            assert torch.equal(got[n], t.cpu()), n
+    assert conn.recv() == (0 if per_tensor else 2)  # ping-pong handles opened once, kept across refits
+    s.close()
+    proc.join(30)
+    shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _gpu_sender(conn, address, job_dir, token):
+    """Streams the checkpoint at each path it is sent (CUDA IPC needs two processes), replies fingerprints."""
+    from safetensors.torch import load_file
+
+    from colocate.refit.sender import RefitSender
+    from colocate.refit.vllm_ext import fingerprint
+
+    sender = RefitSender(address=address, token=token, job_dir=job_dir, device="cuda", buffer_bytes=1 << 20,
+                         timeout_s=60)
+    while (path := conn.recv()) is not None:
+        tensors = [(n, t.cuda()) for n, t in load_file(f"{path}/model.safetensors").items()]
+        sender.stream(iter(tensors), tensor_meta(tensors))
+        conn.send({n: fingerprint(t) for n, t in tensors})
+    sender.close()
+
+
+def test_refit_into_vllm_on_gpu_reproduces_the_engine(tmp_path):
+    """An engine started from model A and refit to B decodes exactly as an engine started from B."""
+    from vllm import SamplingParams
+
+    from colocate.engine.vllm_engine import make_llm, shutdown_llm
+    from colocate.models.tiny import build_tiny_model
+
+    a = build_tiny_model(tmp_path / "a", seed=0, dtype="bfloat16")
+    b = build_tiny_model(tmp_path / "b", seed=1, dtype="bfloat16")
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 33], [7, 7, 2], [100, 4, 250, 3, 9])]
+    llm = make_llm(str(b), dtype="bfloat16", kv_cache_memory_bytes=256 << 20,
+                   worker_extension_cls="colocate.refit.vllm_ext.ColocateRefitExtension")
+
+    def greedy():
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    want_b = greedy()
+    job_dir, token = new_job_dir(), new_token()
+    [address] = llm.collective_rpc("colocate_refit_open", args=(job_dir, token, 60.0, True))
+    conn, child = CTX.Pipe()
+    proc = CTX.Process(target=_gpu_sender, args=(child, address, job_dir, token), daemon=True)
+    proc.start()
+
+    def refit(path):
+        conn.send(str(path))
+        llm.collective_rpc("colocate_refit_receive")
+        llm.reset_prefix_cache()
+        return conn.recv()
+
+    refit(a)
+    assert greedy() != want_b
+    sent_b = refit(b)
+    [received] = llm.collective_rpc("colocate_received_fingerprints")
+    assert received == sent_b
+    assert greedy() == want_b
+    conn.send(None)
+    proc.join(30)
+    llm.collective_rpc("colocate_refit_close")
+    shutdown_llm(llm)
+    shutil.rmtree(job_dir, ignore_errors=True)

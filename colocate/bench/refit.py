@@ -56,6 +56,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--plot", default=None, help="PNG path (default: beside --json)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only draw the PNG of an earlier run")
     return p.parse_args(argv)
 
 
@@ -354,7 +355,11 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the GPU machines may lack it: `--replot out.json` draws it later elsewhere
+        print(f"matplotlib missing: no plot written to {path}", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -378,6 +383,11 @@ def plot(report: dict[str, Any], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        print_table(report)
+        plot(report, args.plot or str(Path(args.replot).with_suffix(".png")))
+        return report
     report = run(args)
     print_table(report)
     if args.json_path:

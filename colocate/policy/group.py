@@ -97,8 +97,13 @@ class PolicyGroup:
                     **worker_kwargs,
                 )
             )
-        # Constructors run concurrently (they rendezvous with each other); wait for all, failing fast.
-        self._wait([w.__ray_ready__.remote() for w in self.workers], "__init__")
+        # Constructors run concurrently (they rendezvous with each other); wait for all, failing fast and
+        # leaving no half-built group behind.
+        try:
+            self._wait([w.__ray_ready__.remote() for w in self.workers], "__init__")
+        except PolicyError:
+            self.shutdown()
+            raise
 
     # ---------------------------------------------------------------- fan-out
 

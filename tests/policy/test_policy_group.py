@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM
 
@@ -21,6 +22,8 @@ from colocate.policy.worker import PolicyWorker
 
 # The functions sent to workers through `execute` live here, in a module the workers cannot import.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.slow  # every test here drives Ray actors (about 45 s in all on 2 CPUs)
 
 B, T, PROMPT = 4, 12, 6
 
@@ -193,6 +196,28 @@ def test_a_failing_rank_raises_policy_error_with_its_traceback(group: PolicyGrou
     assert info.value.method == "execute"
     assert "boom on purpose" in info.value.traceback
     assert "_fail_on_rank_1" in info.value.traceback  # the remote frame, not just the message
+
+
+def test_a_failing_constructor_raises_policy_error(ray_cluster: None, tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as info:
+        _make_group(tmp_path / "no_such_model")
+    assert info.value.method == "__init__"
+    assert "no_such_model" in info.value.traceback
+
+
+def test_placement_group_bundles(ray_cluster: None, model_path: Path) -> None:
+    pg = placement_group([{"CPU": 0.5}, {"CPU": 0.5}])
+    ray.get(pg.ready())
+    try:
+        # Reversed bundles: rank 0 in bundle 1, where the rendezvous port is looked for too.
+        placed = _make_group(model_path, placement_group=pg, bundle_indices=[1, 0])
+        try:
+            input_ids_BT = torch.randint(3, 512, (2, 5))
+            assert placed.logprobs(input_ids_BT, torch.ones_like(input_ids_BT)).shape == (2, 5)
+        finally:
+            placed.shutdown()
+    finally:
+        remove_placement_group(pg)
 
 
 def test_batches_must_split_evenly(group: PolicyGroup) -> None:

@@ -56,7 +56,7 @@ def test_cuda_ipc_stream_is_bit_identical(per_tensor):
     proc.start()
     address = conn.recv()
     sent = _tensors()
-    s = RefitSender(address=address, token=token, job_dir=job_dir, device="cuda", buffer_bytes=4 << 20,
+    s = RefitSender(address=address, token=token, job_dir=job_dir, device="cuda", buffer_bytes=1 << 20,
                     timeout_s=60, verify=True, per_tensor=per_tensor)
     for _ in range(3):
         s.stream(iter(sent), tensor_meta(sent))

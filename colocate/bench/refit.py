@@ -6,6 +6,8 @@ same device, by every method side by side, from one run.
 
 Methods (each: warm-up refit first, then `--repeats` timed ones, median reported):
   colocate             ping-pong buffers, packing bucket N+1 while the engine loads bucket N
+  colocate_load_weights  the same, but each bucket goes through vLLM's `model.load_weights` (on GPU the
+                       engine otherwise copies straight into its parameters: colocate/engine/direct_load.py)
   colocate_serial      the same protocol with overlap off (wait for each ack before packing the next)
   per_tensor           one handle per tensor (GPU: the tensor itself shared by CUDA IPC; CPU: a segment each)
   vllm_native          vLLM's own IPC weight-transfer engine, packed buffers (GPU only)
@@ -38,7 +40,7 @@ import torch
 from colocate.bench.model_shapes import param_meta, resolve_model
 from colocate.refit.jobdir import new_job_dir, new_token
 
-REFIT_METHODS = ("colocate", "colocate_serial", "per_tensor")
+REFIT_METHODS = ("colocate", "colocate_load_weights", "colocate_serial", "per_tensor")
 NATIVE_METHODS = ("vllm_native", "vllm_native_unpacked")
 FLOOR_METHODS = ("floor", "floor_pack_unpack")
 ALL_METHODS = REFIT_METHODS + NATIVE_METHODS + FLOOR_METHODS
@@ -187,11 +189,22 @@ def _trainer(conn, a: dict[str, Any]) -> None:
                                      buffer_bytes=a["buffer_bytes"], timeout_s=a["timeout"],
                                      overlap=method != "colocate_serial", per_tensor=method == "per_tensor")
                 # warm-up, timed repeats, then one the engine records for `correct`
-                conn.send(("serve", repeats + 2))
-                cold, times = _time(lambda s=sender: s.stream(iter(tensors), meta_full), repeats, device)
+                mode = "load_weights" if method == "colocate_load_weights" else "direct"
+                conn.send(("serve", repeats + 2, mode))
+                stats = []
+
+                def one(s=sender) -> None:
+                    stats.append(s.stream(iter(tensors), meta_full))
+
+                cold, times = _time(one, repeats, device)
                 sender.stream(iter(tensors), meta_full)
                 received, params = call_engine("colocate_fingerprints", {})
                 sender.close()
+                call_engine("colocate_drop_buffers", {})
+                timed = stats[1:]
+                row["sender_pack_s"] = statistics.median(x.pack_seconds for x in timed)
+                row["sender_wait_s"] = statistics.median(x.wait_seconds for x in timed)
+                row["buckets"] = timed[0].buckets
                 params_ok, compared = engine_params_match(params, sent_fps)
                 row.update(cold_s=cold, times_s=times, correct=received == sent_fps and params_ok,
                            received_equal=received == sent_fps, params_compared=compared)
@@ -221,6 +234,7 @@ def _trainer(conn, a: dict[str, Any]) -> None:
 
 def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
     rows = []
+    receiver_load_s: list[float] = []  # per "serve", the engine's median time inside its loads
     while True:
         if not conn.poll(1.0):
             if not proc.is_alive():
@@ -229,9 +243,15 @@ def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
         msg = conn.recv()
         kind = msg[0]
         if kind == "serve":
-            for i in range(msg[1]):
-                llm.collective_rpc("colocate_refit_set_record", args=(i == msg[1] - 1,))
-                llm.collective_rpc("colocate_refit_receive")
+            n, mode = msg[1], msg[2]
+            llm.collective_rpc("colocate_refit_set_load_mode", args=(mode,))
+            loads = []
+            for i in range(n):
+                llm.collective_rpc("colocate_refit_set_record", args=(i == n - 1,))
+                [stats] = llm.collective_rpc("colocate_refit_receive")
+                loads.append(stats["load_seconds"])
+            llm.collective_rpc("colocate_refit_set_load_mode", args=("direct",))
+            receiver_load_s.append(statistics.median(loads[1:-1] or loads))
         elif kind == "call":
             name, kwargs = msg[1], msg[2]
             try:
@@ -239,6 +259,8 @@ def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
                     [received] = llm.collective_rpc("colocate_received_fingerprints")
                     [params] = llm.collective_rpc("colocate_param_fingerprints")
                     value = (received, params)
+                elif name == "colocate_drop_buffers":
+                    value = llm.collective_rpc("colocate_refit_drop_buffers")
                 else:
                     value = getattr(llm, name)(**kwargs)
                 conn.send(("ok", value))
@@ -247,6 +269,8 @@ def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
         elif kind == "row":
             rows.append(msg[1])
             r = msg[1]
+            if r["method"] in REFIT_METHODS and receiver_load_s:
+                r["receiver_load_s"] = receiver_load_s.pop()
             status = r.get("error") or r.get("skipped") or f"median {statistics.median(r['times_s']) * 1e3:.2f} ms"
             print(f"  {r['method']:<22} {status}", file=sys.stderr, flush=True)
         elif kind == "done":

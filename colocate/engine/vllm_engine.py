@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from colocate.engine.direct_load import DirectLoader, can_load_directly
+
 if TYPE_CHECKING:
     from vllm import LLM
 
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
 # keeps startup instant. (vLLM's CPU default, `gpu_memory_utilization` x RAM, would reserve gigabytes.)
 CPU_KV_CACHE_BYTES = 64 << 20
 _ACTIVE = "_colocate_weight_update_active"
+_LOAD_MODE = "_colocate_load_mode"
+_DIRECT = "_colocate_direct_loader"
 
 
 def make_llm(
@@ -182,8 +186,23 @@ def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]
         raise RuntimeError("load_weights_into_worker called outside begin/finish_weight_update")
     if _uses_layerwise_reload(worker):
         weights = [(name, tensor.clone()) for name, tensor in weights]
+    elif getattr(worker, _LOAD_MODE, "direct") == "direct" and can_load_directly(worker):
+        loader = getattr(worker, _DIRECT, None)
+        if loader is None:
+            loader = DirectLoader(_model(worker))
+            setattr(worker, _DIRECT, loader)
+        with torch.no_grad():
+            loader.load(weights)
+        return
     with _loading_context(worker):
         _model(worker).load_weights(weights=weights)
+
+
+def set_load_mode(worker: Any, mode: str) -> None:
+    """"direct" (default: `direct_load.DirectLoader` where it applies) or "load_weights" (vLLM's loader)."""
+    if mode not in ("direct", "load_weights"):
+        raise ValueError(f"load mode must be 'direct' or 'load_weights', got {mode!r}")
+    setattr(worker, _LOAD_MODE, mode)
 
 
 def weight_update_active(worker: Any) -> bool:

@@ -184,9 +184,11 @@ class RefitSender:
                 raise RefitError(f"receiver returned no checksums for message {seq}")
 
         it = iter(named_tensors)
+        regular = 0  # the two buffers alternate over the buckets that use them
         for bucket in manifest.buckets:
             own = bucket.oversized or self.per_tensor
-            slot = -1 if own else bucket.index % 2
+            slot = -1 if own else regular % 2
+            regular += not own
             # A buffer is refilled only after its ack; at most two buckets are ever in flight.
             while in_flight and (not self.overlap or len(in_flight) >= 2
                                  or any(s == slot for _, s, _ in in_flight)):

@@ -68,13 +68,22 @@ class ColocateRefitExtension:
         except BaseException:
             # Leave the engine servable (on CPU, layers restored to checkpoint format must be repacked) and
             # ready for the next refit; the caller knows this refit failed and keeps its weight version.
-            if getattr(self, vllm_engine._ACTIVE, False):
+            if vllm_engine.weight_update_active(self):
                 vllm_engine.finish_weight_update(self)
             raise
 
     def colocate_refit_set_record(self, record: bool) -> None:
         """Fingerprint every tensor handed to the engine in the next refits (costs time: not for timing)."""
         self._colocate_record = record
+
+    def colocate_refit_set_load_mode(self, mode: str) -> None:
+        """"direct" (GPU fast path where it applies, the default) or "load_weights" (vLLM's own loader)."""
+        vllm_engine.set_load_mode(self, mode)
+
+    def colocate_refit_drop_buffers(self) -> None:
+        """Close the sender's buffers this receiver keeps open (the sender is done with them)."""
+        if self._colocate_receiver is not None:
+            self._colocate_receiver.cache.drop()
 
     def colocate_refit_close(self) -> None:
         if self._colocate_receiver is not None:

@@ -53,8 +53,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="tiny | llama3-8b | qwen2.5-1.5b | a HF directory")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--buffer-mb", type=float, default=512, help="size of each of the two ping-pong buffers")
+    p.add_argument("--buffer-mb", type=float, default=1024, help="size of each of the two ping-pong buffers")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--sweep-mb", default="", help="also time `colocate` at these buffer sizes, e.g. 256,2048")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--plot", default=None, help="PNG path (default: beside --json)")
@@ -179,14 +180,18 @@ def _trainer(conn, a: dict[str, Any]) -> None:
             raise RuntimeError(f"engine call {name} failed:\n{value}")
         return value
 
-    for method in a["methods"]:
-        row: dict[str, Any] = {"method": method}
+    runs = [(m, a["buffer_bytes"]) for m in a["methods"]]
+    runs += [("colocate", int(mb * (1 << 20))) for mb in a["sweep_mb"]]
+    for method, buffer_bytes in runs:
+        row: dict[str, Any] = {"method": method, "buffer_bytes": buffer_bytes}
+        if buffer_bytes != a["buffer_bytes"]:
+            row["method"] = f"{method}@{buffer_bytes >> 20}MiB"
         try:
             if method in FLOOR_METHODS:
-                row.update(_floor(method, tensors, meta_full, a["buffer_bytes"], repeats, device))
+                row.update(_floor(method, tensors, meta_full, buffer_bytes, repeats, device))
             elif method in REFIT_METHODS:
                 sender = RefitSender(address=a["address"], token=a["token"], job_dir=a["job_dir"], device=device,
-                                     buffer_bytes=a["buffer_bytes"], timeout_s=a["timeout"],
+                                     buffer_bytes=buffer_bytes, timeout_s=a["timeout"],
                                      overlap=method != "colocate_serial", per_tensor=method == "per_tensor")
                 # warm-up, timed repeats, then one the engine records for `correct`
                 mode = "load_weights" if method == "colocate_load_weights" else "direct"
@@ -269,7 +274,7 @@ def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
         elif kind == "row":
             rows.append(msg[1])
             r = msg[1]
-            if r["method"] in REFIT_METHODS and receiver_load_s:
+            if r["method"].split("@")[0] in REFIT_METHODS and receiver_load_s:
                 r["receiver_load_s"] = receiver_load_s.pop()
             status = r.get("error") or r.get("skipped") or f"median {statistics.median(r['times_s']) * 1e3:.2f} ms"
             print(f"  {r['method']:<22} {status}", file=sys.stderr, flush=True)
@@ -306,7 +311,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     buffer_bytes = int(args.buffer_mb * (1 << 20))
     proc = ctx.Process(target=trainer_main, daemon=True, args=(child, dict(
         device=args.device, meta=meta, dtype=dtype, repeats=args.repeats, methods=methods, address=address,
-        token=token, job_dir=job_dir, buffer_bytes=buffer_bytes, timeout=args.timeout)))
+        token=token, job_dir=job_dir, buffer_bytes=buffer_bytes, timeout=args.timeout,
+        sweep_mb=[float(x) for x in args.sweep_mb.split(",") if x.strip()])))
     proc.start()
     try:
         kind, *ready = conn.recv()

@@ -99,6 +99,9 @@ class OpenedBuffer:
     def __init__(self, handle: Handle, *, job_dir: str) -> None:
         self.handle = handle
         self._mm: mmap.mmap | None = None
+        # Per (manifest digest, bucket): the typed views the receiver builds into this buffer, kept while
+        # the buffer stays open so a refit does not rebuild hundreds of them (see RefitReceiver._load).
+        self.views: dict[tuple[str, int], list[torch.Tensor]] = {}
         if handle.cuda is not None:
             c = handle.cuda
             index = local_cuda_index(c.device_uuid)
@@ -121,6 +124,7 @@ class OpenedBuffer:
             self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8, count=handle.nbytes)
 
     def close(self) -> None:
+        self.views.clear()
         self.tensor = None  # type: ignore[assignment]
         if self._mm is not None:
             _close_mmap(self._mm)

@@ -6,10 +6,11 @@ Protocol state machine (receiver side). S = sender, R = receiver; every frame is
     IDLE ──Release(ids)───────▶ IDLE          close the cached buffers S freed (no reply: S may be gone)
     IDLE ──Begin(digest)──────▶ RECEIVING     unknown digest -> Error; call begin_fn; Ack
     RECEIVING ──Load(bucket)──▶ RECEIVING     check the bucket (entries not yet seen, buffer big enough),
-                                              open the buffer (cached by id), build views from the manifest,
+                                              open the buffer (cached by id), take its views for this bucket
+                                              (built from the manifest once, cached with the buffer),
                                               [verify checksums], load_fn(views), synchronise the device,
-                                              drop the views, close it if temporary; then Ack: only now may S
-                                              refill that buffer
+                                              close it if temporary; then Ack: only now may S refill that
+                                              buffer, so load_fn must copy what it is given, never keep it
     RECEIVING ──Done(n)───────▶ IDLE          every manifest entry arrived exactly once, else Error;
                                               finish_fn; Ack; `receive()` returns
     any ──Abort(error)────────▶ IDLE          S failed: raise the same named error here
@@ -118,7 +119,7 @@ class RefitReceiver:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         manifest: Manifest | None = None
         seen: bytearray | None = None
-        refit_id, seq, msg_refit_id = 0, 0, 0
+        refit_id, seq, msg_refit_id, digest = 0, 0, 0, ""
         t0, load_s, nbytes, buckets = 0.0, 0.0, 0, 0
         try:
             while True:
@@ -137,6 +138,7 @@ class RefitReceiver:
                     if manifest is None:
                         raise ManifestError(f"refit {msg.refit_id}: unknown manifest {msg.digest}; prepare first")
                     refit_id, seen = msg.refit_id, bytearray(len(manifest.entries))
+                    digest = msg.digest
                     t0 = time.perf_counter()
                     if self.begin_fn is not None:
                         self.begin_fn()
@@ -147,7 +149,7 @@ class RefitReceiver:
                     raise RefitError(f"receiver: {type(msg).__name__} for refit {msg.refit_id} before Begin")
                 elif isinstance(msg, wire.Load):
                     t = time.perf_counter()
-                    sums = self._load(manifest, seen, msg)
+                    sums = self._load(manifest, seen, msg, digest)
                     load_s += time.perf_counter() - t
                     nbytes += manifest.buckets[msg.bucket].nbytes
                     buckets += 1
@@ -192,7 +194,7 @@ class RefitReceiver:
             raise ManifestError(f"manifest does not match the engine: missing={missing[:5]} extra={extra[:5]} "
                                 f"wrong={wrong[:5]}")
 
-    def _load(self, manifest: Manifest, seen: bytearray, msg: wire.Load) -> list[int] | None:
+    def _load(self, manifest: Manifest, seen: bytearray, msg: wire.Load, digest: str) -> list[int] | None:
         if not 0 <= msg.bucket < len(manifest.buckets):
             raise ManifestError(f"bucket {msg.bucket} not in manifest ({len(manifest.buckets)} buckets)")
         bucket = manifest.buckets[msg.bucket]
@@ -204,17 +206,23 @@ class RefitReceiver:
         buf = self.cache.get(msg.buffer)
         try:
             entries = manifest.entries[bucket.first:bucket.last]
-            raw = [buf.tensor[e.offset:e.offset + e.nbytes] for e in entries]
-            sums = [checksum(r) for r in raw] if msg.checksums is not None else None
-            if sums is not None and sums != msg.checksums:
-                bad = [e.name for e, a, b in zip(entries, sums, msg.checksums, strict=True) if a != b]
-                raise RefitError(f"bucket {msg.bucket}: checksum mismatch in {bad[:5]}")
-            views = [(e.name, _view(r, e)) for e, r in zip(entries, raw, strict=True)]
-            del raw
-            self.load_fn(views)
+            typed = buf.views.get((digest, msg.bucket))
+            if typed is None:
+                typed = [_view(buf.tensor[e.offset:e.offset + e.nbytes], e) for e in entries]
+                if not msg.buffer.temporary:
+                    buf.views[(digest, msg.bucket)] = typed
+            if msg.checksums is not None:
+                sums = [checksum(buf.tensor[e.offset:e.offset + e.nbytes]) for e in entries]
+                if sums != msg.checksums:
+                    bad = [e.name for e, a, b in zip(entries, sums, msg.checksums, strict=True) if a != b]
+                    raise RefitError(f"bucket {msg.bucket}: checksum mismatch in {bad[:5]}")
+            else:
+                sums = None
+            self.load_fn([(e.name, v) for e, v in zip(entries, typed, strict=True)])
+            # Nothing may read the buffer after the ack (the sender refills it next): wait for the device.
+            # The typed views stay cached with the buffer; the engine must copy, never keep, what it is given.
             if buf.tensor.is_cuda:
                 torch.cuda.current_stream(buf.tensor.device).synchronize()
-            del views  # no view of the buffer may outlive the ack: the sender refills it next
         finally:
             if msg.buffer.temporary:
                 buf.close()

@@ -70,6 +70,9 @@ class RefitSender:
         self._buffers: list[SendBuffer] = []
         self._temporaries: list[SendBuffer] = []  # oversized buckets in flight
         self._in_flight: deque[tuple[int, int, SendBuffer | None]] = deque()  # (seq, slot, temporary)
+        # Typed views into the ping-pong buffers per bucket, made once: building ~300 views costs more
+        # Python time per refit than the copies themselves on a small model.
+        self._views: dict[int, list[torch.Tensor]] = {}
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -157,6 +160,7 @@ class RefitSender:
         digest = manifest.digest()
         if digest != self._prepared:
             self._release_all(tell_receiver=True)
+            self._views.clear()
             seq = self._next_seq()
             self._send(wire.Prepare(rid, seq, manifest))
             self._wait_ack(seq)
@@ -199,7 +203,9 @@ class RefitSender:
                 group.append((e, _next_matching(it, e, entries, index)))
                 index += 1
             buf, tmp = self._buffer_for(own, slot, group)
-            sums = _pack(buf, group, self.verify)
+            if tmp is None and bucket.index not in self._views:
+                self._views[bucket.index] = _views(buf, group)
+            sums = _pack(buf, group, self.verify, self._views.get(bucket.index) if tmp is None else None)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             del group
@@ -235,6 +241,7 @@ class RefitSender:
         for b in self._buffers + self._temporaries:
             b.close()
         self._buffers, self._temporaries = [], []
+        self._views.clear()
         self._prepared = None if not tell_receiver else self._prepared
         if tell_receiver and ids:
             # Fire and forget: the receiver may not be serving now (it drops them when it next serves).
@@ -267,14 +274,19 @@ def _next_matching(it, e: Entry, entries: Sequence[Entry], index: int) -> torch.
     return tensor
 
 
-def _pack(buf: SendBuffer, group: list[tuple[Entry, torch.Tensor]], verify: bool) -> list[int] | None:
+def _views(buf: SendBuffer, group: list[tuple[Entry, torch.Tensor]]) -> list[torch.Tensor]:
+    return [buf.tensor[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape)
+            for e, _ in group]
+
+
+def _pack(buf: SendBuffer, group: list[tuple[Entry, torch.Tensor]], verify: bool,
+          views: list[torch.Tensor] | None) -> list[int] | None:
     # A tensor shared in place (GPU, oversized or per-tensor) is its own buffer: nothing to copy.
     shared = buf.handle.temporary and buf.tensor.data_ptr() == group[0][1].data_ptr()
-    sums = [] if verify else None
-    for e, t in group:
-        raw = buf.tensor[e.offset:e.offset + e.nbytes]
-        if not shared and e.nbytes:
-            raw.view(dtype_from_name(e.dtype)).view(e.shape).copy_(t, non_blocking=True)
-        if sums is not None:
-            sums.append(checksum(raw))
-    return sums
+    if not shared:
+        for v, (e, t) in zip(views if views is not None else _views(buf, group), group, strict=True):
+            if e.nbytes:
+                v.copy_(t, non_blocking=True)
+    if not verify:
+        return None
+    return [checksum(buf.tensor[e.offset:e.offset + e.nbytes]) for e, _ in group]

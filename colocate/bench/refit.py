@@ -185,7 +185,7 @@ def _trainer(conn, a: dict[str, Any]) -> None:
     for method, buffer_bytes in runs:
         row: dict[str, Any] = {"method": method, "buffer_bytes": buffer_bytes}
         if buffer_bytes != a["buffer_bytes"]:
-            row["method"] = f"{method}@{buffer_bytes >> 20}MiB"
+            row["method"] = f"{method}@{buffer_bytes / (1 << 20):g}MiB"
         try:
             if method in FLOOR_METHODS:
                 row.update(_floor(method, tensors, meta_full, buffer_bytes, repeats, device))

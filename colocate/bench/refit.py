@@ -411,12 +411,41 @@ def plot(report: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def plot_buffer_sweep(report: dict[str, Any], path: str) -> bool:
+    """Refit time against buffer size, from the `colocate` rows of a run with --sweep-mb."""
+    pts = sorted((r["buffer_bytes"] / (1 << 20), r["median_s"] * 1e3) for r in report["results"]
+                 if r["method"].split("@")[0] == "colocate" and "median_s" in r)
+    if len(pts) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:green", label="colocate")
+    for r in report["results"]:
+        if r["method"] in FLOOR_METHODS and "median_s" in r:
+            ax.axhline(r["median_s"] * 1e3, ls="--", color="gray")
+            ax.text(pts[0][0], r["median_s"] * 1e3, f" {r['method']}", va="bottom", color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("buffer size (MiB, each of two)")
+    ax.set_ylabel("median refit time (ms)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{report['model']} on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     if args.replot:
         report = json.loads(Path(args.replot).read_text())
         print_table(report)
         plot(report, args.plot or str(Path(args.replot).with_suffix(".png")))
+        plot_buffer_sweep(report, str(Path(args.replot).with_suffix("")) + "_buffers.png")
         return report
     report = run(args)
     print_table(report)
@@ -424,6 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report, indent=1))
         plot(report, args.plot or str(Path(args.json_path).with_suffix(".png")))
+        plot_buffer_sweep(report, str(Path(args.json_path).with_suffix("")) + "_buffers.png")
     elif args.plot:
         plot(report, args.plot)
     return report

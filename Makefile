@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, vllm, ray, zmq, hydra, transformers, msgspec; print('stack ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
+# The main job on CPU. Until the GRPO orchestrator lands this is the refit benchmark on the tiny model.
 run: $(STAMP)
-	$(BIN)/python -m colocate.run +recipe=grpo
+	$(BIN)/python -m colocate.bench.refit --device cpu --model tiny --repeats 5 --json outputs/refit_cpu_tiny.json
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -ra
 
 lint: $(STAMP)
 	$(BIN)/ruff check colocate tests

@@ -44,7 +44,8 @@ class Rendezvous:
                 await asyncio.wait_for(self._changed.wait_for(lambda: key in self._values), timeout_s)
             except TimeoutError:
                 have = sorted(self._values)[:10]
-                raise RendezvousTimeoutError(f"no {key!r} registered within {timeout_s:.1f}s (have: {have})")
+                raise RendezvousTimeoutError(
+                    f"no {key!r} registered within {timeout_s:.1f}s (have: {have})") from None
             return self._values[key]
 
     async def keys(self) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import zmq
 
-from colocate.refit.errors import RefitManifestError, RefitRemoteError, RefitTimeoutError
+from colocate.refit.errors import RefitManifestError, RefitTimeoutError
 from colocate.refit.jobdir import new_job_dir, new_token
 from colocate.refit.plan import tensor_meta
 from colocate.refit.sender import RefitSender
@@ -132,7 +132,7 @@ def test_killed_sender_makes_receiver_raise_within_timeout(job):
     job_dir, token = job
     sent = tiny_state()
     r = RefitReceiver(job_dir=job_dir, token=token, load_fn=lambda w: None, timeout_s=TIMEOUT)
-    conn, child = CTX.Pipe()
+    _conn, child = CTX.Pipe()
     proc = CTX.Process(target=refit_peers.sender_main,
                        args=(child, r.address, job_dir, token, TIMEOUT, tensor_meta(sent), sent),
                        kwargs={"die_at_tensor": 5}, daemon=True)
@@ -151,7 +151,7 @@ def _bad_streams():
     names = [n for n, _ in good]
     missing = [x for x in good if x[0] != "scale"]
     extra = [*good, ("surprise", torch.zeros(3))]
-    dup = good[:3] + [good[1]] + good[3:]
+    dup = [*good[:3], good[1], *good[3:]]
     shape = [(n, t.reshape(-1) if n == "layers.1.q.weight" else t) for n, t in good]
     dtype = [(n, t.double() if n == "ids" else t) for n, t in good]
     assert len(names) == len(set(names))

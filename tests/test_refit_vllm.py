@@ -3,8 +3,6 @@ rendezvous actor with paired futures; the engine then decodes exactly as HF tran
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import ray
 import torch

@@ -85,7 +85,7 @@ def engine_params_match(params: dict[str, str], sent: dict[str, str]) -> tuple[b
         if len(fps) == 1:
             want = fps[0]
         elif all(f.startswith("sum:") for f in fps):
-            want = "sum:%d" % sum(int(f[4:]) for f in fps)
+            want = f"sum:{sum(int(f[4:]) for f in fps)}"
         else:
             continue
         compared += 1
@@ -148,7 +148,6 @@ def _floor(method: str, tensors, meta_full, buffer_bytes: int, repeats: int, dev
                     dst[i].copy_(v)
     cold, times = _time(run, repeats, device)
     correct = all(torch.equal(d, t) for d, (_, t) in zip(dst, tensors, strict=True))
-    del dst
     return {"cold_s": cold, "times_s": times, "correct": correct}
 
 
@@ -198,8 +197,8 @@ def _trainer(conn, a: dict[str, Any]) -> None:
                 conn.send(("serve", repeats + 2, mode))
                 stats = []
 
-                def one(s=sender) -> None:
-                    stats.append(s.stream(iter(tensors), meta_full))
+                def one(s=sender, out=stats) -> None:
+                    out.append(s.stream(iter(tensors), meta_full))
 
                 cold, times = _time(one, repeats, device)
                 sender.stream(iter(tensors), meta_full)
@@ -222,8 +221,8 @@ def _trainer(conn, a: dict[str, Any]) -> None:
                     packed = method == "vllm_native"
                     # vLLM's packed buffer must hold the largest tensor (Llama-3-8B's embedding: 1.05 GB)
                     bucket = max(1 << 30, max(t.numel() * t.element_size() for _, t in tensors))
-                    cold, times = _time(lambda p=packed: native_refit(tensors, packed=p, call_engine=call_engine,
-                                                                      bucket_bytes=bucket), repeats, device)
+                    cold, times = _time(lambda p=packed, b=bucket: native_refit(
+                        tensors, packed=p, call_engine=call_engine, bucket_bytes=b), repeats, device)
                     _received, params = call_engine("colocate_fingerprints", {})
                     params_ok, compared = engine_params_match(params, sent_fps)
                     row.update(cold_s=cold, times_s=times, correct=params_ok, params_compared=compared)

@@ -11,6 +11,7 @@ mmap), so the receiver caches opened buffers by `handle.id` across buckets and r
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from pathlib import Path
@@ -134,10 +135,8 @@ class OpenedBuffer:
 def _close_mmap(mm: mmap.mmap) -> None:
     # A view still exported (a tensor someone kept) makes close() raise; the mapping is then freed by the
     # garbage collector with the last view, and the file is already unlinked, so nothing leaks.
-    try:
+    with contextlib.suppress(BufferError):
         mm.close()
-    except BufferError:
-        pass
 
 
 class BufferCache:

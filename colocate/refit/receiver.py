@@ -26,6 +26,7 @@ S never has more than two Loads unacked (the ping-pong buffers), so R never wait
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -108,10 +109,9 @@ class RefitReceiver:
     def _send(self, msg: wire.ToSender) -> None:
         if self._peer is None:
             return
-        try:
+        # The sender may be gone; our own raise reports the failure.
+        with contextlib.suppress(zmq.ZMQError):
             self._sock.send_multipart([self._peer, *wire.encode(self.token, msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the sender is gone; our own raise reports the failure
 
     # -- one refit ---------------------------------------------------------------------------------------
     def receive(self, timeout_s: float | None = None) -> ReceiveStats:

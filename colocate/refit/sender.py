@@ -149,10 +149,8 @@ class RefitSender:
     def _abort(self, e: Exception) -> None:
         # Never blocks: a dead receiver must not cost a second timeout.
         msg = wire.Abort(self._refit_id, self._next_seq(), type(e).__name__, str(e), traceback.format_exc())
-        try:
+        with contextlib.suppress(zmq.ZMQError):
             self._sock.send_multipart(wire.encode(self.token, msg), flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
 
     def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], manifest: Manifest,
                 t0: float) -> StreamStats:

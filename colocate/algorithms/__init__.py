@@ -1,0 +1,1 @@
+"""RL algorithms driving the policy and generation groups."""

@@ -1,0 +1,151 @@
+"""GRPO, readable top to bottom: sample n completions per prompt, score them, normalise rewards within each
+prompt's group, take one clipped policy-gradient step, refit the engines, repeat.
+
+How it departs from the textbook:
+- One optimizer step per batch, so the importance ratio starts at 1 and clipping only guards the step itself;
+  `old_logprobs` are the policy's own (not the engine's sampling logprobs), which keeps the ratio exact
+  when engine and trainer numerics differ.
+- An optional supervised warm-up on the task's format (`sft_steps`) before RL, so that a tiny model from
+  scratch gets some non-zero rewards; its loss is the same clipped objective with advantage 1 on the reference
+  completion (a plain log-likelihood gradient at ratio 1).
+- A group whose rewards are all equal has zero advantage and adds nothing but tokens to the loss average.
+
+Shape legend: P prompts, G samples per prompt, B = P*G sequences, T tokens per sequence.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from colocate.tasks.arithmetic import Problem, reward
+
+
+@dataclass
+class Batch:
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    response_mask_BT: torch.Tensor
+
+
+def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
+    """Right-padded prompt+response; response_mask marks response tokens in the `logprobs` layout
+    (column t is log p(token t | tokens before it))."""
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    resp = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        resp[i, len(p): len(s)] = 1
+    return Batch(ids, attn, resp)
+
+
+def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean over the group) / (std over the group + eps); zero where the group's rewards are equal."""
+    mean = rewards_PG.mean(dim=1, keepdim=True)
+    std = rewards_PG.std(dim=1, keepdim=True, unbiased=False)
+    return (rewards_PG - mean) / (std + eps)
+
+
+class GRPO:
+    def __init__(self, *, policy: Any, generation: Any, refit: Callable[[], float], tokenizer: Any,
+                 train: list[Problem], val: list[Problem], prompts_per_step: int, samples_per_prompt: int,
+                 temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                 sleep: bool = False, offload: bool = False) -> None:
+        self.policy, self.generation, self.refit = policy, generation, refit
+        self.tok = tokenizer
+        self.train, self.val = train, val
+        self.P, self.G = prompts_per_step, samples_per_prompt
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.sleep, self.offload = sleep, offload
+        self.rng = torch.Generator().manual_seed(seed)
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    def _encode(self, problems: list[Problem]) -> list[list[int]]:
+        return [self.tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+
+    def _sample_problems(self, n: int) -> list[Problem]:
+        idx = torch.randint(len(self.train), (n,), generator=self.rng).tolist()
+        return [self.train[i] for i in idx]
+
+    # ---- supervised warm-up ---------------------------------------------------------------------------
+    def sft_step(self) -> dict[str, float]:
+        problems = self._sample_problems(self.P * self.G)
+        completions = [self.tok(" " + p.answer, add_special_tokens=False)["input_ids"] + [self.eos]
+                       for p in problems]
+        b = pack_sequences(self._encode(problems), completions, self.pad)
+        old = self.policy.logprobs(b.input_ids_BT, b.attention_mask_BT)
+        return self.policy.train_step({
+            "input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
+            "response_mask": b.response_mask_BT, "old_logprobs": old,
+            "advantages": torch.ones(b.input_ids_BT.shape[0]),
+        })
+
+    # ---- validation -----------------------------------------------------------------------------------
+    def validate(self) -> float:
+        rollouts = self.generation.generate(self._encode(self.val), n=1, temperature=0.0, top_p=1.0,
+                                            max_tokens=self.max_new_tokens, stop=None, seed=0)
+        texts = [self.tok.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+        return statistics.fmean(reward(t, p.answer) for t, p in zip(texts, self.val, strict=True))
+
+    # ---- one RL step ----------------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, Any]:
+        m: dict[str, Any] = {}
+        problems = self._sample_problems(self.P)
+        t = time.perf_counter()
+        rollouts = self.generation.generate(self._encode(problems), n=self.G, temperature=self.temperature,
+                                            top_p=self.top_p, max_tokens=self.max_new_tokens, stop=None,
+                                            seed=step)
+        m["generation_s"] = time.perf_counter() - t
+        responses = [list(r.response_ids) for r in rollouts]
+        n_tokens = sum(len(r) for r in responses)
+        m["tokens_per_s"] = n_tokens / m["generation_s"]
+        texts = [self.tok.decode(r, skip_special_tokens=True) for r in responses]
+        rewards_PG = torch.tensor([reward(text, problems[i // self.G].answer) for i, text in enumerate(texts)]
+                                  ).view(self.P, self.G)
+        advantages_B = group_advantages(rewards_PG).view(-1)
+        m["reward_mean"] = rewards_PG.mean().item()
+        m["reward_std"] = rewards_PG.std(unbiased=False).item()
+        m["accuracy"] = (rewards_PG.amax(dim=1) > 0).float().mean().item()  # pass@G over the batch
+        m["weight_version"] = min(r.weight_version for r in rollouts)
+
+        sleep_s = 0.0
+        if self.sleep:
+            t = time.perf_counter()
+            self.generation.sleep(level=1)
+            sleep_s += time.perf_counter() - t
+        t = time.perf_counter()
+        if self.offload:
+            self.policy.onload()
+        prompts = [list(r.prompt_ids) for r in rollouts]
+        b = pack_sequences(prompts, responses, self.pad)
+        old_BT = self.policy.logprobs(b.input_ids_BT, b.attention_mask_BT)
+        train = self.policy.train_step({
+            "input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
+            "response_mask": b.response_mask_BT, "old_logprobs": old_BT, "advantages": advantages_B,
+        })
+        m["training_s"] = time.perf_counter() - t
+        m.update({k: train[k] for k in ("loss", "kl", "clip_frac", "grad_norm", "lr") if k in train})
+
+        if self.sleep:
+            t = time.perf_counter()
+            self.generation.wake_up(tags=["weights"])  # weights first: the KV cache comes back after the refit
+            sleep_s += time.perf_counter() - t
+        m["refit_ms"] = self.refit()
+        if self.offload:
+            self.policy.offload(include_params=True)
+        if self.sleep:
+            t = time.perf_counter()
+            self.generation.wake_up(tags=["kv_cache"])
+            sleep_s += time.perf_counter() - t
+        m["sleep_wake_s"] = sleep_s
+        return m

@@ -1,0 +1,151 @@
+"""Build what a run needs from its config: the Ray connection, the placement group, the policy and generation
+groups, and the refit between them. Configs become flat keyword arguments here, at the edge.
+
+Placement:
+- colocated: one bundle per device; policy rank i and generation worker i share bundle i (on GPU each takes
+  half a GPU of it, so both land on the same device). Refit: ZMQ + CUDA IPC / shared memory, per device.
+- split: policy bundles, then generation bundles, on different devices. Refit: bucketed broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+
+from colocate.config import Config, ConfigError, check
+from colocate.refit.futures import await_refit
+from colocate.refit.jobdir import new_job_dir, new_token
+from colocate.refit.policy_side import close_sender, stream_weights
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str, num_cpus: int | None) -> None:
+    """Join the running cluster (a `ray job submit` sets RAY_ADDRESS) or start a local one."""
+    if ray.is_initialized():
+        return
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    if address == "auto" and not os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address="auto", runtime_env={"env_vars": env}, log_to_driver=False)
+            log.info("joined the running Ray cluster")
+            return
+        except ConnectionError:
+            pass
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        log.info("started a local Ray cluster")
+    else:
+        ray.init(address=None if address == "auto" else address, runtime_env={"env_vars": env},
+                 log_to_driver=False)
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+@dataclass
+class Cluster:
+    cfg: Config
+    transport: str
+    model_path: str
+    policy: Any
+    generation: Any
+    pg: Any
+    job: str
+    job_dir: str
+    token: str
+
+    def refit(self) -> float:
+        """Policy -> every engine, both sides' tasks launched together; returns milliseconds."""
+        t = time.perf_counter()
+        r = self.cfg.refit
+        n_gen = self.cfg.placement.generation_workers
+        dtype = self.cfg.generation.dtype
+        if self.transport == "zmq":
+            senders = [w.execute.remote(stream_weights, job=self.job, job_dir=self.job_dir, token=self.token,
+                                        slot=rank if rank < n_gen else None,
+                                        buffer_bytes=int(r.buffer_size_mb * (1 << 20)), timeout_s=r.timeout_s,
+                                        dtype=dtype)
+                       for rank, w in enumerate(self.policy.workers)]
+            receivers = self.generation.receive_refit_futures()
+        else:
+            from colocate.refit.broadcast_policy import broadcast_weights
+
+            senders = [w.execute.remote(broadcast_weights, job=self.job, rank=rank, world_size=n_gen + 1,
+                                        buffer_bytes=int(r.buffer_size_mb * (1 << 20)), timeout_s=r.timeout_s,
+                                        dtype=dtype)
+                       for rank, w in enumerate(self.policy.workers)]
+            receivers = self.generation.receive_broadcast_futures()
+        await_refit({"sender": senders, "receiver": receivers}, timeout_s=3 * r.timeout_s)
+        return (time.perf_counter() - t) * 1e3
+
+    def close(self) -> None:
+        try:
+            if self.policy is not None and self.transport == "zmq":
+                self.policy.execute(close_sender)
+        except Exception:  # closing after a failure: the actors may be gone
+            pass
+        for group in (self.generation, self.policy):
+            if group is not None:
+                try:
+                    group.shutdown()
+                except Exception:
+                    pass
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+
+
+def build(cfg: Config, model_path: str, job: str) -> Cluster:
+    from colocate.generation.group import GenerationGroup
+    from colocate.policy.group import PolicyGroup
+
+    p, g, pol = cfg.placement, cfg.generation, cfg.policy
+    transport = check(cfg, cluster_devices=cluster_gpus())
+    on_gpu = p.device == "cuda"
+    n_pol, n_gen = p.policy_workers, p.generation_workers
+    if p.mode == "colocated":
+        n_bundles = max(n_pol, n_gen)
+        bundles = [{"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 1} for _ in range(n_bundles)]
+        pol_bundles, gen_bundles = list(range(n_pol)), list(range(n_gen))
+        share = 0.5  # each side takes half of the bundle: both land on the same device
+    else:
+        bundles = [{"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 1} for _ in range(n_pol + n_gen)]
+        pol_bundles, gen_bundles = list(range(n_pol)), list(range(n_pol, n_pol + n_gen))
+        share = 1.0
+    pg = placement_group(bundles, strategy="PACK")
+    if not pg.wait(timeout_seconds=60):
+        remove_placement_group(pg)
+        raise ConfigError(f"the cluster cannot place {bundles} (resources: {ray.cluster_resources()})")
+    job_dir, token = new_job_dir(), new_token()
+    cluster = Cluster(cfg, transport, model_path, None, None, pg, job, job_dir, token)
+    try:
+        cluster.policy = PolicyGroup(
+            num_workers=n_pol, num_cpus_per_worker=share, num_gpus_per_worker=share if on_gpu else 0,
+            placement_group=pg, bundle_indices=pol_bundles,
+            model_path=model_path, device=p.device, lr=pol.lr, weight_decay=pol.weight_decay,
+            warmup_steps=pol.warmup_steps, total_steps=max(cfg.algorithm.steps + cfg.algorithm.sft_steps, 1),
+            max_grad_norm=pol.max_grad_norm, micro_batch_size=pol.micro_batch_size, param_dtype=pol.param_dtype,
+            clip_low=pol.clip_low, clip_high=pol.clip_high, kl_coef=pol.kl_coef, loss_agg=pol.loss_agg,
+            seed=pol.seed,
+        )
+        cluster.generation = GenerationGroup(
+            num_workers=n_gen, num_cpus_per_worker=share, num_gpus_per_worker=share if on_gpu else 0,
+            placement_group=pg, bundle_indices=gen_bundles,
+            model=model_path, dtype=g.dtype, max_model_len=g.max_model_len,
+            kv_cache_memory_bytes=g.kv_cache_memory_bytes, gpu_memory_utilization=g.gpu_memory_utilization,
+            enforce_eager=g.enforce_eager, engine=g.engine, enable_sleep_mode=g.sleep and on_gpu, seed=g.seed,
+        )
+        if transport == "zmq":
+            cluster.generation.open_refit(job, job_dir, token, cfg.refit.timeout_s)
+        else:
+            cluster.generation.open_broadcast(job, world_size=n_gen + 1, timeout_s=cfg.refit.timeout_s)
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster

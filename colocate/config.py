@@ -1,0 +1,173 @@
+"""The run's configuration schema: dataclasses registered with Hydra, so a misspelt key or a wrong type is an
+error naming it. `conf/` fills them in per group; `recipes/` override them; `run.py` turns them into the flat
+keyword arguments the actors take (no config object crosses into an actor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class PlacementConfig:
+    mode: str = "colocated"
+    """"colocated": policy and generation share devices; "split": generation on devices of its own."""
+    device: str = "cpu"
+    """"cpu" or "cuda"."""
+    policy_workers: int = 1
+    """FSDP2 ranks (one per device)."""
+    generation_workers: int = 1
+    """vLLM engines (data parallel)."""
+    ray_address: str = "auto"
+    """"auto": join a running Ray cluster if there is one (a `ray job submit`), else start a local one."""
+    num_cpus: int | None = None
+    """CPUs of a locally started cluster (None: all)."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"
+    """A local HF checkpoint directory, or "tiny": a small model and tokenizer built locally at start."""
+    tiny_seed: int = 0
+
+
+@dataclass
+class PolicyConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 64
+    param_dtype: str = "float32"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    loss_agg: str = "token_mean"
+    offload: bool = False
+    """Move optimizer state and parameters off the device while generating (colocated GPU)."""
+    seed: int = 0
+
+
+@dataclass
+class GenerationConfig:
+    dtype: str = "float32"
+    max_model_len: int = 128
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    engine: str = "sync"
+    sleep: bool = False
+    """Put the engine to sleep while the policy trains (GPU colocated)."""
+    seed: int = 0
+
+
+@dataclass
+class RefitConfig:
+    transport: str = "auto"
+    """"auto" (from the placement: colocated -> zmq, split -> broadcast), "zmq" or "broadcast"."""
+    buffer_size_mb: float = 64
+    timeout_s: float = 120.0
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    steps: int = 20
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 6
+    sft_steps: int = 0
+    """Supervised warm-up steps on the task's format, so that early rewards are not all zero."""
+    sft_lr: float = 1e-3
+    val_every: int = 5
+    checkpoint_every: int = 0
+    """0: no checkpoints."""
+    resume_from: str | None = None
+
+
+@dataclass
+class DataConfig:
+    task: str = "arithmetic"
+    jsonl: str | None = None
+    """A JSONL file of {"prompt", "answer"} rows instead of the generated task."""
+    max_operand: int = 9
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    plot: bool = True
+    progress: bool = True
+
+
+@dataclass
+class BenchConfig:
+    """For `mode: refit_bench` (the buffer-size sweep)."""
+
+    model: str = "tiny"
+    repeats: int = 5
+    methods: str = "colocate,floor"
+
+
+@dataclass
+class Config:
+    mode: str = "train"
+    """"train" (the RL loop) or "refit_bench" (one refit benchmark, for sweeps)."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    refit: RefitConfig = field(default_factory=RefitConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def register() -> None:
+    """The schema, and every recipe in `recipes/` as an option of the `recipe` group (`+recipe=NAME`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="colocate_schema", node=Config)
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent configuration, found before any actor starts."""
+
+
+def check(cfg: Config, *, cluster_devices: int) -> str:
+    """Validate the placement against the cluster; returns the refit transport to use."""
+    p = cfg.placement
+    if p.mode not in ("colocated", "split"):
+        raise ConfigError(f"placement.mode must be 'colocated' or 'split', got {p.mode!r}")
+    if p.device not in ("cpu", "cuda"):
+        raise ConfigError(f"placement.device must be 'cpu' or 'cuda', got {p.device!r}")
+    if p.policy_workers < 1 or p.generation_workers < 1:
+        raise ConfigError("placement.policy_workers and placement.generation_workers must be >= 1")
+    if p.device == "cuda":
+        need = max(p.policy_workers, p.generation_workers) if p.mode == "colocated" else (
+            p.policy_workers + p.generation_workers)
+        if need > cluster_devices:
+            raise ConfigError(f"placement {p.mode!r} needs {need} GPUs (policy_workers={p.policy_workers}, "
+                              f"generation_workers={p.generation_workers}); the cluster has {cluster_devices}")
+        if p.mode == "split" and cluster_devices < 2:
+            raise ConfigError("placement 'split' needs at least 2 GPUs: one cluster device cannot be split")
+    transport = cfg.refit.transport
+    if transport == "auto":
+        transport = "zmq" if p.mode == "colocated" else "broadcast"
+    if transport not in ("zmq", "broadcast"):
+        raise ConfigError(f"refit.transport must be 'auto', 'zmq' or 'broadcast', got {transport!r}")
+    if transport == "zmq" and p.mode == "split":
+        raise ConfigError("refit.transport 'zmq' (CUDA IPC / shared memory) needs placement 'colocated'")
+    return transport

@@ -1,0 +1,61 @@
+"""Entry point: `python -m colocate.run +recipe=grpo` (also as `ray job submit --working-dir . -- ...`).
+
+Compose the config, connect to Ray, build the placement and both groups, run, clean up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from colocate.config import ROOT, Config, register
+
+register()
+log = logging.getLogger("colocate")
+
+
+def resolve_model(cfg: Config, out_dir: Path) -> str:
+    if cfg.model.path != "tiny":
+        return cfg.model.path
+    from colocate.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(out_dir / "tiny-model", seed=cfg.model.tiny_seed))
+
+
+def main(dcfg: DictConfig) -> dict:
+    cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg))
+    if cfg.mode == "refit_bench":
+        from colocate.sweep import run_refit_bench
+
+        return run_refit_bench(cfg, out_dir)
+
+    from colocate import cluster as clusters
+    from colocate.train import train
+
+    clusters.connect(cfg.placement.ray_address, cfg.placement.num_cpus)
+    model_path = resolve_model(cfg, out_dir)
+    cluster = clusters.build(cfg, model_path, job=out_dir.name)
+    try:
+        summary = train(cfg, cluster, out_dir)
+    finally:
+        cluster.close()
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    log.info("summary: %s", json.dumps(summary))
+    print(json.dumps(summary))
+    return summary
+
+
+@hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base=None)
+def _hydra_main(dcfg: DictConfig) -> None:
+    main(dcfg)
+
+
+if __name__ == "__main__":
+    _hydra_main()

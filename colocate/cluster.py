@@ -9,6 +9,7 @@ Placement:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -93,10 +94,8 @@ class Cluster:
             pass
         for group in (self.generation, self.policy):
             if group is not None:
-                try:
+                with contextlib.suppress(Exception):
                     group.shutdown()
-                except Exception:
-                    pass
         if self.pg is not None:
             remove_placement_group(self.pg)
 

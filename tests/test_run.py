@@ -1,0 +1,82 @@
+"""The real entry point, in-process on the tiny recipe, and as a job submitted to a local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from colocate.config import ROOT, register
+from colocate.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+FEW_STEPS = ["algorithm.steps=3", "algorithm.sft_steps=4", "algorithm.val_every=2", "algorithm.prompts_per_step=4",
+             "algorithm.samples_per_prompt=4", "algorithm.checkpoint_every=3"]
+
+
+def test_entry_point_runs_every_stage(tmp_path):
+    from colocate.run import main
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["+recipe=grpo", *FEW_STEPS, f"hydra.runtime.output_dir={tmp_path}"])
+    HydraConfig.instance().set_config(cfg)
+    try:
+        summary = main(cfg)
+    finally:
+        ray.shutdown()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    steps = [r for r in rows if r["step"] >= 1]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:  # every stage ran and reported
+        for key in ("reward_mean", "reward_std", "loss", "grad_norm", "generation_s", "training_s", "refit_ms",
+                    "tokens_per_s", "sleep_wake_s", "weight_version"):
+            assert key in r, key
+        assert r["refit_ms"] > 0
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 2, 3]
+    assert any("sft_loss" in r for r in rows)
+    # one refit after the warm-up, one per step: the engines' weight version advanced each time
+    assert [r["weight_version"] for r in steps] == [2, 3, 4]
+    assert summary["weight_version"] == 4
+    assert (tmp_path / "reward_curve.png").stat().st_size > 0
+    assert (tmp_path / "config.yaml").exists()
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert (tmp_path / "checkpoints" / "step_00003").is_dir()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_submitted_to_a_local_ray_cluster_finishes(tmp_path):
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    gcs, dash = _free_port(), _free_port()
+    subprocess.run([f"{bin_dir}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+    try:
+        cmd = [f"{bin_dir}/ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+               "--", sys.executable, "-m", "colocate.run", "+recipe=grpo", *FEW_STEPS,
+               "algorithm.checkpoint_every=0", "logging.progress=false"]
+        deadline = time.monotonic() + 600
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=deadline - time.monotonic())
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-4000:]
+        assert "succeeded" in log.lower(), log[-4000:]
+        summary = json.loads([line for line in log.splitlines() if line.startswith('{"val_accuracy_initial"')][-1])
+        assert summary["weight_version"] == 4
+    finally:
+        subprocess.run([f"{bin_dir}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -70,17 +70,16 @@ class Cluster:
         dtype = self.cfg.generation.dtype
         if self.transport == "zmq":
             senders = [w.execute.remote(stream_weights, job=self.job, job_dir=self.job_dir, token=self.token,
-                                        slot=rank if rank < n_gen else None,
-                                        buffer_bytes=int(r.buffer_size_mb * (1 << 20)), timeout_s=r.timeout_s,
-                                        dtype=dtype)
+                                        slot=rank if rank < n_gen else None, buffer_size_mb=r.buffer_size_mb,
+                                        auto_fraction=r.auto_fraction, timeout_s=r.timeout_s, dtype=dtype)
                        for rank, w in enumerate(self.policy.workers)]
             receivers = self.generation.receive_refit_futures()
         else:
             from colocate.refit.broadcast_policy import broadcast_weights
 
             senders = [w.execute.remote(broadcast_weights, job=self.job, rank=rank, world_size=n_gen + 1,
-                                        buffer_bytes=int(r.buffer_size_mb * (1 << 20)), timeout_s=r.timeout_s,
-                                        dtype=dtype)
+                                        buffer_size_mb=r.buffer_size_mb, auto_fraction=r.auto_fraction,
+                                        timeout_s=r.timeout_s, dtype=dtype)
                        for rank, w in enumerate(self.policy.workers)]
             receivers = self.generation.receive_broadcast_futures()
         await_refit({"sender": senders, "receiver": receivers}, timeout_s=3 * r.timeout_s)

@@ -71,7 +71,9 @@ class GenerationConfig:
 class RefitConfig:
     transport: str = "auto"
     """"auto" (from the placement: colocated -> zmq, split -> broadcast), "zmq" or "broadcast"."""
-    buffer_size_mb: float = 64
+    buffer_size_mb: float | None = None
+    """Each of the two buffers, in MiB; null: auto, `auto_fraction` of the sender device's free memory."""
+    auto_fraction: float = 0.1
     timeout_s: float = 120.0
 
 

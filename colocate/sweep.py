@@ -22,7 +22,7 @@ def run_refit_bench(cfg: Config, out_dir: Path) -> dict[str, Any]:
 
     device = cfg.placement.device
     return bench(["--device", device, "--model", cfg.bench.model, "--repeats", str(cfg.bench.repeats),
-                  "--buffer-mb", str(cfg.refit.buffer_size_mb), "--methods", cfg.bench.methods,
+                  "--buffer-mb", str(cfg.refit.buffer_size_mb or 1024), "--methods", cfg.bench.methods,
                   "--json", str(out_dir / "refit.json")])
 
 

@@ -16,6 +16,7 @@ import torch
 
 from colocate.refit.plan import dtype_name
 from colocate.refit.sender import RefitSender
+from colocate.refit.sizing import buffer_bytes
 from colocate.rendezvous import device_key, get_rendezvous
 
 _SENDER = "_colocate_refit_sender"
@@ -29,8 +30,9 @@ def local_device_key(worker: Any, slot: int) -> str:
     return device_key(node, "cpu", slot)
 
 
-def stream_weights(worker: Any, *, job: str, job_dir: str, token: str, slot: int | None, buffer_bytes: int,
-                   timeout_s: float, dtype: str) -> dict[str, Any] | None:
+def stream_weights(worker: Any, *, job: str, job_dir: str, token: str, slot: int | None,
+                   buffer_size_mb: float | None, auto_fraction: float, timeout_s: float,
+                   dtype: str) -> dict[str, Any] | None:
     """One refit from this rank. `slot=None`: no engine shares this device; only take part in the gather."""
     torch_dtype = getattr(torch, dtype)
     weights = worker.iter_weights(torch_dtype)
@@ -42,8 +44,9 @@ def stream_weights(worker: Any, *, job: str, job_dir: str, token: str, slot: int
     if sender is None:
         key = local_device_key(worker, slot)
         address = ray.get(get_rendezvous(job).lookup.remote(key, timeout_s))
+        size = buffer_bytes(buffer_size_mb, worker.device, auto_fraction=auto_fraction)
         sender = RefitSender(address=address, token=token, job_dir=job_dir, device=worker.device.type,
-                             buffer_bytes=buffer_bytes, timeout_s=timeout_s)
+                             buffer_bytes=size, timeout_s=timeout_s)
         setattr(worker, _SENDER, sender)
     meta = [(name, dtype_name(dt), tuple(shape)) for name, shape, dt in worker.weights_manifest(torch_dtype)]
     return asdict(sender.stream(weights, meta))

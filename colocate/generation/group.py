@@ -1,0 +1,204 @@
+"""Data-parallel vLLM engines as Ray actors, one `GenerationWorker` each, driven from the trainer.
+
+A batch of prompts is cut into `num_workers` contiguous shards (sizes differing by at most one, the first
+ones larger); worker w serves shard w and the rollouts come back in prompt order, then sample order.
+
+Every failure comes out as one named exception (`errors.py`) naming the worker, with its remote traceback.
+Refits pair with the sender's futures:
+
+    keys = group.open_refit(job, job_dir, token, timeout_s)        # once; policy ranks look the keys up
+    await_refit({"sender": [...], "receiver": group.receive_refit_futures()}, timeout_s)
+
+Generation can overlap training: `generate_futures` returns at once, `collect` waits. With
+`engine="async"` a refit arriving meanwhile is applied between requests (see `backends.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from colocate.generation.errors import (
+    EngineStartError,
+    GenerationError,
+    GenerationWorkerDiedError,
+    GenerationWorkerError,
+)
+from colocate.generation.types import Prompt, Rollout, SamplingConfig
+from colocate.generation.worker import GenerationWorker
+
+# Concurrent calls one worker accepts: generation batches, a refit's update task, status queries.
+MAX_CONCURRENCY = 16
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def shard_bounds(num_items: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges covering `num_items`, sizes differing by at most one."""
+    base, extra = divmod(num_items, num_shards)
+    bounds, start = [], 0
+    for shard in range(num_shards):
+        stop = start + base + (shard < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+@dataclass
+class PendingRollouts:
+    """A generation in flight: one future per worker that got prompts, in prompt order."""
+
+    worker_indices: list[int]
+    refs: list[ray.ObjectRef]
+
+
+class GenerationGroup:
+    """`num_workers` engines; `worker_kwargs` go to every `GenerationWorker` unchanged (see its signature)."""
+
+    def __init__(
+        self,
+        *,
+        num_workers: int,
+        num_cpus_per_worker: float = 1.0,
+        num_gpus_per_worker: float = 0.0,
+        placement_group: PlacementGroup | None = None,
+        bundle_indices: Sequence[int] | None = None,
+        env_vars: dict[str, str] | None = None,
+        chat: bool = False,
+        call_timeout_s: float | None = None,
+        **worker_kwargs: Any,
+    ) -> None:
+        """`chat`: format text prompts (and message lists) with the tokenizer's chat template.
+        `call_timeout_s`: bound on every wait (None: unbounded; generation can take long)."""
+        if placement_group is not None and bundle_indices is None:
+            bundle_indices = list(range(num_workers))
+        if bundle_indices is not None and len(bundle_indices) != num_workers:
+            raise ValueError(f"{len(bundle_indices)} bundle indices for {num_workers} workers")
+        self.num_workers = num_workers
+        self.chat = chat
+        self.call_timeout_s = call_timeout_s
+        actor_cls = ray.remote(GenerationWorker)
+        self.workers = []
+        for index in range(num_workers):
+            strategy = None
+            if placement_group is not None and bundle_indices is not None:
+                strategy = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=bundle_indices[index])
+            self.workers.append(actor_cls.options(
+                num_cpus=num_cpus_per_worker,
+                num_gpus=num_gpus_per_worker,
+                scheduling_strategy=strategy,
+                runtime_env={"env_vars": env_vars} if env_vars else None,
+                max_concurrency=MAX_CONCURRENCY,
+            ).remote(index=index, **worker_kwargs))
+        try:
+            self._wait([w.__ray_ready__.remote() for w in self.workers], "__init__")
+        except GenerationError:
+            self.shutdown()
+            raise
+
+    # ---------------------------------------------------------------------------------------------- waits
+    def _wait(self, refs: list[ray.ObjectRef], method: str, indices: list[int] | None = None) -> list[Any]:
+        """Results in the order of `refs`; the first failure raises (the others are not waited for)."""
+        index_of = dict(zip(refs, indices if indices is not None else range(len(refs)), strict=True))
+        results: dict[ray.ObjectRef, Any] = {}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.call_timeout_s)
+            if not ready:
+                stuck = sorted(index_of[r] for r in pending)
+                raise GenerationWorkerError(f"workers {stuck} gave no answer to {method}() within "
+                                            f"{self.call_timeout_s} s", worker_index=stuck[0])
+            try:
+                results[ready[0]] = ray.get(ready[0])
+            except (RayTaskError, RayActorError, GetTimeoutError) as err:
+                raise _named_error(err, index_of[ready[0]], method) from err
+        return [results[r] for r in refs]
+
+    def _call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return self._wait([getattr(w, method).remote(*args, **kwargs) for w in self.workers], method)
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(self, prompts: Sequence[Prompt], **sampling: Any) -> list[Rollout]:
+        """`n` rollouts per prompt, in prompt order then sample order. Options: `SamplingConfig`'s fields
+        (n, temperature, top_p, max_tokens, stop, seed); any other raises `SamplingOptionError`."""
+        return self.collect(self.generate_futures(prompts, **sampling))
+
+    def generate_futures(self, prompts: Sequence[Prompt], **sampling: Any) -> PendingRollouts:
+        """Start `generate` and return at once (the trainer can work meanwhile); `collect` waits."""
+        config = SamplingConfig.from_options(sampling)
+        indices, refs = [], []
+        for index, (start, stop) in enumerate(shard_bounds(len(prompts), self.num_workers)):
+            if start == stop:
+                continue
+            indices.append(index)
+            refs.append(self.workers[index].generate.remote(
+                list(prompts[start:stop]), chat=self.chat, n=config.n, temperature=config.temperature,
+                top_p=config.top_p, max_tokens=config.max_tokens, stop=config.stop, seed=config.seed,
+                prompt_offset=start,
+            ))
+        return PendingRollouts(indices, refs)
+
+    def collect(self, pending: PendingRollouts) -> list[Rollout]:
+        shards = self._wait(pending.refs, "generate", pending.worker_indices)
+        return [rollout for shard in shards for rollout in shard]
+
+    # --------------------------------------------------------------------------------------------- refit
+    def open_refit(self, job: str, job_dir: str, token: str, timeout_s: float = 60.0) -> list[str]:
+        """Bind every worker's receiver and register it with the job's rendezvous; the keys, by worker."""
+        return [key for keys in self._call_all("open_refit", job, job_dir, token, timeout_s) for key in keys]
+
+    def receive_refit_futures(self, timeout_s: float | None = None) -> list[ray.ObjectRef]:
+        """Every worker's update task for one refit, to await together with the sender's (`await_refit`)."""
+        return [w.receive_refit.remote(timeout_s) for w in self.workers]
+
+    def close_refit(self) -> None:
+        self._call_all("close_refit")
+
+    def open_broadcast(self, per_worker_kwargs: Sequence[dict[str, Any]]) -> list[Any]:
+        """`colocate_bcast_open(**per_worker_kwargs[w])` on worker w (each needs its own rank)."""
+        refs = [w.open_broadcast.remote(**kw) for w, kw in zip(self.workers, per_worker_kwargs, strict=True)]
+        return self._wait(refs, "open_broadcast")
+
+    def receive_broadcast_futures(self) -> list[ray.ObjectRef]:
+        return [w.receive_broadcast.remote() for w in self.workers]
+
+    def close_broadcast(self) -> None:
+        self._call_all("close_broadcast")
+
+    def weight_versions(self) -> list[int]:
+        return self._call_all("weight_version")
+
+    def status(self) -> list[dict[str, Any]]:
+        return self._call_all("status")
+
+    # -------------------------------------------------------------------------------------------- memory
+    def sleep(self, level: int = 1) -> None:
+        self._call_all("sleep", level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self._call_all("wake_up", tags)
+
+    def shutdown(self) -> None:
+        """Stop the engines (AsyncLLM's engine-core child goes with them), then kill the actors."""
+        refs = [w.shutdown.remote() for w in self.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_TIMEOUT_S)
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+
+
+def _named_error(err: Exception, index: int, method: str) -> GenerationError:
+    """The exception the group raises for a worker's failure, with the remote traceback in its message."""
+    if isinstance(err, RayActorError):
+        if method == "__init__":
+            return EngineStartError(f"worker {index} failed to start:\n{err}", worker_index=index)
+        return GenerationWorkerDiedError(f"worker {index} died during {method}():\n{err}", worker_index=index)
+    cause = getattr(err, "cause", None)
+    cls = type(cause) if isinstance(cause, GenerationError) else GenerationWorkerError
+    return cls(f"worker {index} failed in {method}():\n{err}", worker_index=index)

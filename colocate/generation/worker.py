@@ -1,0 +1,226 @@
+"""One vLLM engine serving rollouts and receiving refits; `GenerationGroup` runs it as a Ray actor.
+
+The refit's update task (`receive_refit`) drains generation first (`backends.py`): admitted requests finish
+on the old weights before any tensor is loaded. The sender's `timeout_s` must therefore cover the longest
+in-flight generation as well as the transfer itself.
+
+Sleep mode: on GPU `sleep(level)` frees the weights (level 1: offloaded to host memory, level 2: dropped) and
+the KV cache; `wake_up(["weights"])`, then a refit, then `wake_up(["kv_cache"])` keeps peak memory low. vLLM
+has no sleep mode on CPU: there both calls log one line and do nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import ray
+import torch
+
+from colocate.generation.backends import AsyncBackend, Backend, SyncBackend
+from colocate.generation.errors import EngineStartError, PromptTooLongError
+from colocate.generation.types import Prompt, Rollout, SamplingConfig
+from colocate.rendezvous import device_key, get_rendezvous
+
+DEFAULT_EXTENSION = "colocate.refit.vllm_ext.ColocateRefitExtension"
+ALL_TAGS = ("weights", "kv_cache")
+logger = logging.getLogger(__name__)
+
+
+class GenerationWorker:
+    def __init__(
+        self,
+        *,
+        model: str,
+        index: int = 0,
+        engine: Literal["sync", "async"] = "sync",
+        dtype: str = "auto",
+        load_format: str = "auto",
+        tensor_parallel_size: int = 1,
+        max_model_len: int = 256,
+        gpu_memory_utilization: float = 0.5,
+        kv_cache_memory_bytes: int | None = None,
+        seed: int = 0,
+        enforce_eager: bool = True,
+        enable_sleep_mode: bool = False,
+        worker_extension_cls: str | None = DEFAULT_EXTENSION,
+    ) -> None:
+        """`index`: this worker's place in its group (its CPU device slot). `engine`: see `backends.py`."""
+        if engine not in ("sync", "async"):
+            raise EngineStartError(f"engine must be 'sync' or 'async', got {engine!r}", worker_index=index)
+        # A path that is not there would otherwise be looked up on the model hub first.
+        if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+            raise EngineStartError(f"model directory {model!r} does not exist", worker_index=index)
+        self.index = index
+        self.max_model_len = max_model_len
+        self.on_gpu = torch.cuda.is_available()
+        self._asleep: set[str] = set()
+        self._keys: list[str] = []
+        self._rendezvous: Any = None
+        backend_cls = AsyncBackend if engine == "async" else SyncBackend
+        try:
+            self._backend: Backend = backend_cls(
+                model, dtype=dtype, load_format=load_format, seed=seed, max_model_len=max_model_len,
+                kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+                worker_extension_cls=worker_extension_cls, enable_sleep_mode=enable_sleep_mode,
+            )
+        except Exception as e:
+            raise EngineStartError(f"worker {index}: the {engine} vLLM engine for {model!r} failed to start: "
+                                   f"{type(e).__name__}: {e}", worker_index=index) from e
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        chat: bool = False,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 64,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        prompt_offset: int = 0,
+    ) -> list[Rollout]:
+        """Sample `n` responses per prompt; rollouts in prompt order, then sample order.
+
+        `prompt_offset` is the index of `prompts[0]` in the caller's batch: it names prompts in errors and
+        rollouts, and offsets per-prompt seeds.
+        """
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        config = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+                                seed=seed)
+        if self._asleep:
+            raise RuntimeError(f"worker {self.index} is asleep ({sorted(self._asleep)} released); wake it up")
+        prompt_ids_B = [self.encode(p, chat=chat) for p in prompts]
+        for i, ids in enumerate(prompt_ids_B):
+            if len(ids) >= self.max_model_len:
+                raise PromptTooLongError(
+                    f"prompt {prompt_offset + i} has {len(ids)} tokens: max_model_len={self.max_model_len} "
+                    "leaves no room for a response", worker_index=self.index)
+        params_B = [
+            SamplingParams(
+                n=config.n, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
+                stop=list(config.stop) or None,
+                seed=None if config.seed is None else config.seed + prompt_offset + i,
+                logprobs=0,  # the sampled token's own logprob
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+            for i in range(len(prompt_ids_B))
+        ]
+        rollouts = []
+        for i, (out, version) in enumerate(self._backend.generate(prompt_ids_B, params_B)):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                tokens_R = list(c.token_ids)
+                logprobs_R = [c.logprobs[t][tok].logprob for t, tok in enumerate(tokens_R)] if c.logprobs else []
+                rollouts.append(Rollout(
+                    prompt_ids_P=prompt_ids_B[i], response_ids_R=tokens_R, logprobs_R=logprobs_R,
+                    finish_reason=str(c.finish_reason), weight_version=version, prompt_index=prompt_offset + i,
+                    sample_index=c.index, response_text=c.text,
+                ))
+        return rollouts
+
+    def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt; with `chat`, texts and message lists go through the chat template."""
+        if isinstance(prompt, list) and not (prompt and isinstance(prompt[0], dict)):
+            return [int(t) for t in prompt]
+        tok = self._backend.tokenizer
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tok.encode(text, add_special_tokens=False)  # the template already has the special tokens
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be token ids or a string without chat=True, got {type(prompt)}")
+        return tok.encode(prompt)  # as vLLM encodes a text prompt
+
+    # --------------------------------------------------------------------------------------------- refit
+    def open_refit(self, job: str, job_dir: str, token: str, timeout_s: float = 60.0) -> list[str]:
+        """Bind the colocated receiver(s) and register them with the job's rendezvous; returns the keys.
+
+        One key per TP rank: the GPU's UUID, or on CPU the slot `index * tp + rank` (several engines on one
+        node then get distinct keys).
+        """
+        addresses = self._backend.call_workers("colocate_refit_open", job_dir, token, timeout_s)
+        devices = self._backend.call_workers("colocate_device_key")
+        node = ray.get_runtime_context().get_node_id()
+        self._rendezvous = get_rendezvous(job)
+        keys = []
+        for rank, (address, device) in enumerate(zip(addresses, devices, strict=True)):
+            kind, ident = device.split(":", 1)
+            if kind == "cpu":
+                ident = str(self.index * len(devices) + rank)
+            keys.append(device_key(node, kind, ident))
+            ray.get(self._rendezvous.register.remote(keys[-1], address))
+        self._keys = keys
+        return keys
+
+    def receive_refit(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """The update task of one refit: drain, receive, reset the prefix cache, bump the version.
+
+        Returns TP rank 0's receive stats (every rank receives the same stream).
+        """
+        self._check_weights_awake()
+        return self._backend.update_weights("colocate_refit_receive", timeout_s)[0]
+
+    def close_refit(self) -> None:
+        self._backend.call_workers("colocate_refit_close")
+        if self._rendezvous is not None:
+            ray.get([self._rendezvous.unregister.remote(k) for k in self._keys])
+        self._keys = []
+
+    def open_broadcast(self, **kwargs: Any) -> list[Any]:
+        """Join the split-placement broadcast: `colocate_bcast_open(**kwargs)` on every TP rank."""
+        return self._backend.call_workers("colocate_bcast_open", **kwargs)
+
+    def receive_broadcast(self, **kwargs: Any) -> Any:
+        """The update task of one broadcast refit, drained and versioned like `receive_refit`."""
+        self._check_weights_awake()
+        return self._backend.update_weights("colocate_bcast_receive", **kwargs)[0]
+
+    def _check_weights_awake(self) -> None:
+        # Asleep, the weights' device memory is unmapped: loading into it would crash the engine.
+        if "weights" in self._asleep:
+            raise RuntimeError(f"worker {self.index}: wake_up(['weights']) before a refit")
+
+    def close_broadcast(self) -> None:
+        self._backend.call_workers("colocate_bcast_close")
+
+    def weight_version(self) -> int:
+        return self._backend.version
+
+    def status(self) -> dict[str, Any]:
+        """Version, stale flag and load (for monitoring and tests)."""
+        return {**self._backend.status(), "asleep": sorted(self._asleep)}
+
+    def call_workers(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Any worker-extension method on every TP rank (fingerprints in tests, load modes in benchmarks)."""
+        return self._backend.call_workers(method, *args, **kwargs)
+
+    # -------------------------------------------------------------------------------------------- memory
+    def sleep(self, level: int = 1) -> None:
+        """Release the weights and KV cache (GPU); in-flight requests finish first. A no-op on CPU."""
+        if not self.on_gpu:
+            logger.warning("worker %d: sleep(level=%d) is a no-op on CPU (vLLM has no sleep mode there)",
+                           self.index, level)
+            return
+        self._backend.sleep(level)
+        self._asleep = set(ALL_TAGS)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate `tags` ("weights", "kv_cache"; None: all). A no-op on CPU."""
+        if not self.on_gpu:
+            logger.warning("worker %d: wake_up(tags=%s) is a no-op on CPU (vLLM has no sleep mode there)",
+                           self.index, tags)
+            return
+        self._backend.wake_up(tags)
+        self._asleep -= set(tags or ALL_TAGS)
+
+    def shutdown(self) -> None:
+        if self._keys:
+            self.close_refit()
+        self._backend.shutdown()

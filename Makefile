@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, vllm, ray, zmq, hydra, transformers, msgspec; print('stack ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
-# The main job on CPU. Until the GRPO orchestrator lands this is the refit benchmark on the tiny model.
+# The main job on CPU: the default GRPO recipe (tiny model, small additions); outputs/<date>/<time>/ holds
+# metrics.jsonl, TensorBoard events, reward_curve.png and summary.json.
 run: $(STAMP)
-	$(BIN)/python -m colocate.bench.refit --device cpu --model tiny --repeats 5 --json outputs/refit_cpu_tiny.json
+	$(BIN)/python -m colocate.run +recipe=grpo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

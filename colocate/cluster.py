@@ -32,6 +32,9 @@ def connect(address: str, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    if address == "local":
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        return
     if address == "auto" and not os.environ.get("RAY_ADDRESS"):
         try:
             ray.init(address="auto", runtime_env={"env_vars": env}, log_to_driver=False)

@@ -25,7 +25,8 @@ class PlacementConfig:
     generation_workers: int = 1
     """vLLM engines (data parallel)."""
     ray_address: str = "auto"
-    """"auto": join a running Ray cluster if there is one (a `ray job submit`), else start a local one."""
+    """"auto": join a running Ray cluster if there is one (a `ray job submit`), else start a local one;
+    "local": always start a private local one; or an address."""
     num_cpus: int | None = None
     """CPUs of a locally started cluster (None: all)."""
 

@@ -50,7 +50,7 @@ def train(cfg: Config, cluster: Cluster, out_dir: Path) -> dict[str, Any]:
         for i in tqdm(range(a.sft_steps), desc="warm-up (SFT)", disable=bar):
             out = grpo.sft_step()
             if i % 10 == 0 or i == a.sft_steps - 1:
-                metrics.log(-a.sft_steps + i, {"sft_loss": out["loss"]})
+                metrics.log(-a.sft_steps + i, {"sft_nll": out["nll"]})
         cluster.policy.execute(_set_lr, cfg.policy.lr)
         cluster.refit()
     start = grpo.validate()

@@ -84,11 +84,14 @@ class GRPO:
                        for p in problems]
         b = pack_sequences(self._encode(problems), completions, self.pad)
         old = self.policy.logprobs(b.input_ids_BT, b.attention_mask_BT)
-        return self.policy.train_step({
+        out = self.policy.train_step({
             "input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
             "response_mask": b.response_mask_BT, "old_logprobs": old,
             "advantages": torch.ones(b.input_ids_BT.shape[0]),
         })
+        mask = b.response_mask_BT.bool()
+        out["nll"] = -(old[mask].mean().item())  # of the reference completion, before this step
+        return out
 
     # ---- validation -----------------------------------------------------------------------------------
     def validate(self) -> float:

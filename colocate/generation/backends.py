@@ -191,8 +191,11 @@ class AsyncBackend:
                 "updating": gate.updating}
 
     def shutdown(self) -> None:
-        try:
+        async def stop() -> None:  # on the loop: shutdown cancels the output handler, a task of the loop
             self._engine.shutdown()
+
+        try:
+            self._run(stop())
         finally:
             self._stop_loop()
 

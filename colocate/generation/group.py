@@ -15,6 +15,7 @@ Generation can overlap training: `generate_futures` returns at once, `collect` w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from colocate.generation.worker import GenerationWorker
 # Concurrent calls one worker accepts: generation batches, a refit's update task, status queries.
 MAX_CONCURRENCY = 16
 SHUTDOWN_TIMEOUT_S = 30.0
+_ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the actor name in its error text
 
 
 def shard_bounds(num_items: int, num_shards: int) -> list[tuple[int, int]]:
@@ -80,6 +82,7 @@ class GenerationGroup:
         if bundle_indices is not None and len(bundle_indices) != num_workers:
             raise ValueError(f"{len(bundle_indices)} bundle indices for {num_workers} workers")
         self.num_workers = num_workers
+        self.tensor_parallel_size = int(worker_kwargs.get("tensor_parallel_size", 1))
         self.chat = chat
         self.call_timeout_s = call_timeout_s
         actor_cls = ray.remote(GenerationWorker)
@@ -99,7 +102,7 @@ class GenerationGroup:
         try:
             self._wait([w.__ray_ready__.remote() for w in self.workers], "__init__")
         except GenerationError:
-            self.shutdown()
+            self.shutdown(timeout_s=0)  # the others may still be starting: no point waiting for them
             raise
 
     # ---------------------------------------------------------------------------------------------- waits
@@ -160,10 +163,15 @@ class GenerationGroup:
     def close_refit(self) -> None:
         self._call_all("close_refit")
 
-    def open_broadcast(self, per_worker_kwargs: Sequence[dict[str, Any]]) -> list[Any]:
-        """`colocate_bcast_open(**per_worker_kwargs[w])` on worker w (each needs its own rank)."""
-        refs = [w.open_broadcast.remote(**kw) for w, kw in zip(self.workers, per_worker_kwargs, strict=True)]
-        return self._wait(refs, "open_broadcast")
+    def open_broadcast(self, job: str, *, world_size: int, timeout_s: float = 60.0,
+                       connect_timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Make every engine a receiver of the job's broadcast (policy rank 0 is group rank 0; engine w's TP
+        rank r is group rank 1 + w * tp + r); each receiver's {"rank", "device"}, by worker."""
+        tp = self.tensor_parallel_size
+        refs = [w.open_broadcast.remote(job, rank=1 + index * tp, world_size=world_size, timeout_s=timeout_s,
+                                        connect_timeout_s=connect_timeout_s)
+                for index, w in enumerate(self.workers)]
+        return [info for infos in self._wait(refs, "open_broadcast") for info in infos]
 
     def receive_broadcast_futures(self) -> list[ray.ObjectRef]:
         return [w.receive_broadcast.remote() for w in self.workers]
@@ -184,10 +192,11 @@ class GenerationGroup:
     def wake_up(self, tags: list[str] | None = None) -> None:
         self._call_all("wake_up", tags)
 
-    def shutdown(self) -> None:
-        """Stop the engines (AsyncLLM's engine-core child goes with them), then kill the actors."""
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop the engines cleanly within `timeout_s`, then kill the actors (an async engine's engine-core
+        child process exits with its actor)."""
         refs = [w.shutdown.remote() for w in self.workers]
-        ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_TIMEOUT_S)
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []
@@ -195,10 +204,11 @@ class GenerationGroup:
 
 def _named_error(err: Exception, index: int, method: str) -> GenerationError:
     """The exception the group raises for a worker's failure, with the remote traceback in its message."""
+    text = _ANSI_COLOR.sub("", str(err))
     if isinstance(err, RayActorError):
         if method == "__init__":
-            return EngineStartError(f"worker {index} failed to start:\n{err}", worker_index=index)
-        return GenerationWorkerDiedError(f"worker {index} died during {method}():\n{err}", worker_index=index)
+            return EngineStartError(f"worker {index} failed to start:\n{text}", worker_index=index)
+        return GenerationWorkerDiedError(f"worker {index} died during {method}():\n{text}", worker_index=index)
     cause = getattr(err, "cause", None)
     cls = type(cause) if isinstance(cause, GenerationError) else GenerationWorkerError
-    return cls(f"worker {index} failed in {method}():\n{err}", worker_index=index)
+    return cls(f"worker {index} failed in {method}():\n{text}", worker_index=index)

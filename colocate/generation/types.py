@@ -39,6 +39,8 @@ class SamplingConfig:
             raise SamplingOptionError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1 or self.n < 1:
             raise SamplingOptionError(f"max_tokens and n must be >= 1, got {self.max_tokens} and {self.n}")
+        if self.temperature == 0 and self.n > 1:  # vLLM refuses it: the n samples would be one sample n times
+            raise SamplingOptionError(f"greedy sampling (temperature=0) takes n=1, got n={self.n}")
         if isinstance(self.stop, str):  # a bare string would be iterated per character
             object.__setattr__(self, "stop", (self.stop,))
         else:
@@ -58,10 +60,12 @@ class SamplingConfig:
 class Rollout:
     """One sampled response to one prompt, with the weight version that produced every one of its tokens."""
 
-    prompt_ids_P: list[int]
-    response_ids_R: list[int]
-    logprobs_R: list[float]
-    """Log-probability of each sampled token under the raw model distribution (vLLM's default
+    prompt_ids: list[int]
+    """[P]"""
+    response_ids: list[int]
+    """[R]: the sampled tokens, EOS included where generation stopped at it."""
+    logprobs: list[float]
+    """[R]: log-probability of each sampled token under the raw model distribution (vLLM's default
     `logprobs_mode="raw_logprobs"`: before temperature and top-p), as the policy computes it."""
     finish_reason: str
     """"stop" (EOS or a stop string), "length" (max_tokens or max_model_len), or "abort"."""

@@ -58,7 +58,10 @@ class GenerationWorker:
         self.on_gpu = torch.cuda.is_available()
         self._asleep: set[str] = set()
         self._keys: list[str] = []
-        self._rendezvous: Any = None
+        self._rendezvous: Any = None  # the refit job's; held: the actor lives as long as its creator holds it
+        self._bcast_rendezvous: Any = None
+        self._bcast_args: dict[str, Any] | None = None
+        self._bcast_master: tuple[str, int] | None = None
         backend_cls = AsyncBackend if engine == "async" else SyncBackend
         try:
             self._backend: Backend = backend_cls(
@@ -119,7 +122,7 @@ class GenerationWorker:
                 tokens_R = list(c.token_ids)
                 logprobs_R = [c.logprobs[t][tok].logprob for t, tok in enumerate(tokens_R)] if c.logprobs else []
                 rollouts.append(Rollout(
-                    prompt_ids_P=prompt_ids_B[i], response_ids_R=tokens_R, logprobs_R=logprobs_R,
+                    prompt_ids=prompt_ids_B[i], response_ids=tokens_R, logprobs=logprobs_R,
                     finish_reason=str(c.finish_reason), weight_version=version, prompt_index=prompt_offset + i,
                     sample_index=c.index, response_text=c.text,
                 ))
@@ -173,22 +176,48 @@ class GenerationWorker:
             ray.get([self._rendezvous.unregister.remote(k) for k in self._keys])
         self._keys = []
 
-    def open_broadcast(self, **kwargs: Any) -> list[Any]:
-        """Join the split-placement broadcast: `colocate_bcast_open(**kwargs)` on every TP rank."""
-        return self._backend.call_workers("colocate_bcast_open", **kwargs)
+    def open_broadcast(self, job: str, *, rank: int, world_size: int, timeout_s: float = 60.0,
+                       connect_timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Take part in the job's split-placement broadcast as group ranks `rank + <TP rank>`; returns each
+        TP rank's {"rank", "device"}. The group is joined at the first `receive_broadcast`, waiting up to
+        `connect_timeout_s` (None: `broadcast.CONNECT_TIMEOUT_S`) for the sender and the other receivers."""
+        from colocate.refit.broadcast import CONNECT_TIMEOUT_S
 
-    def receive_broadcast(self, **kwargs: Any) -> Any:
-        """The update task of one broadcast refit, drained and versioned like `receive_refit`."""
+        self._bcast_args = dict(job=job, rank=rank, world_size=world_size, timeout_s=timeout_s,
+                                connect_timeout_s=CONNECT_TIMEOUT_S if connect_timeout_s is None
+                                else connect_timeout_s)
+        self._bcast_master = None
+        # Hold the job's rendezvous actor from now on: it lives only as long as its creator holds it, and
+        # the sender that publishes its address there may drop its handle at once.
+        self._bcast_rendezvous = get_rendezvous(job)
+        return self._backend.call_workers("colocate_bcast_open", **self._bcast_args)
+
+    def receive_broadcast(self) -> dict[str, Any]:
+        """The update task of one broadcast refit, drained and versioned like `receive_refit`.
+
+        The sender's address is looked up here, in the actor (the extension could look it up itself, but
+        the async engine's workers live in a child process that is not connected to Ray), and handed to
+        the workers, which then join the group inside their first receive.
+        """
+        from colocate.refit.broadcast import lookup_master
+
         self._check_weights_awake()
-        return self._backend.update_weights("colocate_bcast_receive", **kwargs)[0]
+        if self._bcast_args is None:
+            raise RuntimeError(f"worker {self.index}: open_broadcast was not called")
+        if self._bcast_master is None:
+            master = lookup_master(self._bcast_args["job"], self._bcast_args["connect_timeout_s"])
+            self._backend.call_workers("colocate_bcast_open", **self._bcast_args, master=master)
+            self._bcast_master = master
+        return self._backend.update_weights("colocate_bcast_receive")[0]
+
+    def close_broadcast(self) -> None:
+        self._backend.call_workers("colocate_bcast_close")
+        self._bcast_args = self._bcast_master = self._bcast_rendezvous = None
 
     def _check_weights_awake(self) -> None:
         # Asleep, the weights' device memory is unmapped: loading into it would crash the engine.
         if "weights" in self._asleep:
             raise RuntimeError(f"worker {self.index}: wake_up(['weights']) before a refit")
-
-    def close_broadcast(self) -> None:
-        self._backend.call_workers("colocate_bcast_close")
 
     def weight_version(self) -> int:
         return self._backend.version
@@ -223,4 +252,6 @@ class GenerationWorker:
     def shutdown(self) -> None:
         if self._keys:
             self.close_refit()
+        if self._bcast_args is not None:
+            self.close_broadcast()
         self._backend.shutdown()

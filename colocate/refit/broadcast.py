@@ -6,6 +6,12 @@ already, so the group is built from its own `TCPStore` (the sender is its master
 and a backend constructed directly (`ProcessGroupGloo` on CPU, `ProcessGroupNCCL` on GPU, same code),
 as vLLM's StatelessProcessGroup and verl do. `torch.distributed.init_process_group` is never called.
 
+Setup, once per group: S's store listens on a port the OS picks and S publishes (host, port) under
+`bcast/<job>` with the job's rendezvous actor (`publish_master`); each R looks it up (`lookup_master`),
+connects to the store and joins. Forming the group waits up to `connect_timeout_s` for every rank (an
+engine may still be starting), then one all-reduce proves everyone is in (on NCCL it also creates the
+communicator, which is lazy).
+
 Protocol state machine, one refit, every rank in lockstep (each step is one collective over the group):
 
     HEADER    S broadcasts int64[8] (`Header`): refit id, status (OK | ABORT: S failed before any bucket),
@@ -26,10 +32,10 @@ Protocol state machine, one refit, every rank in lockstep (each step is one coll
     STATUS    R checks every manifest entry arrived exactly once and calls `finish_fn`; all-reduce as in
               CHECK, so a failure anywhere is raised everywhere; S's `stream()` returns only now.
 
-Every wait is bounded (`timeout_s`): a dead or stuck rank makes every live one raise `RefitTimeoutError`
-within about `timeout_s` (a closed connection is reported at once, a silent peer after the timeout), and
-marks the group broken: `close()` it and build a new one. Failures that leave the lockstep intact (a bad
-manifest, a failed load) leave the group usable for the next refit.
+Every wait of a formed group is bounded by `timeout_s`: a dead or stuck rank makes every live one raise
+`RefitTimeoutError` within about `timeout_s` (a closed connection is reported at once, a silent peer after
+the timeout), and marks the group broken: `close()` it and build a new one. Failures that leave the
+lockstep intact (a bad manifest, a failed load) leave the group usable for the next refit.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import torch
@@ -69,6 +76,9 @@ TRAILER_BYTES = TRAILER_WORDS * 8
 # to the receivers through the store and set before their first NCCL call; set it in the launch environment
 # of every process where the policy's own NCCL groups exist before this one.
 CUMEM_DEFAULT = "0"
+# Forming the group waits for every rank to arrive, and receivers join when their engine is up: minutes on a
+# cold start, while a collective of a formed group is bounded by the much shorter `timeout_s`.
+CONNECT_TIMEOUT_S = 300.0
 
 
 # ---- pure helpers: header, trailer, manifest bytes, manifest checks ------------------------------------
@@ -84,12 +94,13 @@ class Header:
 
     def words(self) -> list[int]:
         hi, lo = digest_words(self.digest)
-        return [MAGIC, self.refit_id, self.status, self.buckets, self.manifest_bytes, int(self.overlap), hi, lo]
+        return [MAGIC, self.refit_id, self.status, self.buckets, self.manifest_bytes, int(self.overlap),
+                hi, lo]
 
     @classmethod
     def from_words(cls, w: Sequence[int]) -> Header:
         if len(w) != 8 or w[0] != MAGIC:
-            raise RefitError(f"bad refit header {list(w)[:2]}...: the sender is not a colocate BroadcastSender")
+            raise RefitError(f"bad refit header {list(w)[:2]}...: the sender is no colocate BroadcastSender")
         return cls(w[1], w[2], w[3], w[4], bool(w[5]), words_digest(w[6], w[7]))
 
 
@@ -136,7 +147,8 @@ def manifest_mismatch(manifest: Manifest, expected: Expected | None) -> str | No
     got = {e.name: (e.dtype, tuple(e.shape)) for e in manifest.entries}
     want = {n: (d, tuple(s)) for n, (d, s) in expected.items()}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    wrong = [f"{n}: {got[n]} != expected {want[n]}" for n in sorted(set(got) & set(want)) if got[n] != want[n]]
+    both = sorted(set(got) & set(want))
+    wrong = [f"{n}: {got[n]} != expected {want[n]}" for n in both if got[n] != want[n]]
     if not (missing or extra or wrong):
         return None
     return f"manifest does not match the engine: missing={missing[:5]} extra={extra[:5]} wrong={wrong[:5]}"
@@ -168,7 +180,7 @@ class Group:
     """A process group of its own over `store`, with bounded waits and a side channel for error details."""
 
     def __init__(self, *, store: dist.Store, rank: int, world_size: int, device: torch.device,
-                 timeout_s: float) -> None:
+                 timeout_s: float, connect_timeout_s: float) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.device, self.timeout_s = device, timeout_s
         self.name = "sender" if rank == 0 else f"receiver rank {rank}"
@@ -182,20 +194,28 @@ class Group:
                 opts = ProcessGroupNCCL.Options()
                 # NCCL's watchdog tears the process down when a collective outlives the group's timeout;
                 # our own bounded waits must fire first and abort the group instead.
-                opts._timeout = _td(2 * timeout_s)
+                opts._timeout = _td(2 * max(timeout_s, connect_timeout_s))
                 self.pg = ProcessGroupNCCL(prefix, rank, world_size, opts)
             else:
-                self.pg = dist.ProcessGroupGloo(prefix, rank, world_size, _td(timeout_s))
+                self.pg = dist.ProcessGroupGloo(prefix, rank, world_size, _td(connect_timeout_s))
         except Exception as e:
             raise RefitTimeoutError(f"{self.name}: the broadcast group of {world_size} ranks did not form "
-                                    f"within {timeout_s:.1f}s: {_first_line(e)}", side=self.side) from e
+                                    f"within {connect_timeout_s:.1f}s: {_first_line(e)}",
+                                    side=self.side) from e
         # Every rank is in once this returns; on NCCL this also creates the communicator (it is lazy).
-        self.statuses(0, "the other ranks to join the group")
+        self.statuses(0, "the other ranks to join the group", timeout_s=connect_timeout_s)
+        if device.type != "cuda":  # gloo's own bound on each collective from now on
+            set_timeout = getattr(self.pg, "set_timeout", None) or self.pg._set_default_timeout
+            set_timeout(_td(timeout_s))
 
-    def _lost(self, what: str, e: BaseException) -> RefitTimeoutError:
-        self.broken = True
-        return RefitTimeoutError(f"{self.name}: gave up waiting for {what} (timeout {self.timeout_s:.1f}s): a "
-                                 f"peer is dead or stuck ({_first_line(e)})", side=self.side)
+    def _lost(self, what: str, e: BaseException, timeout_s: float | None = None) -> RefitTimeoutError:
+        # Abort at once: work queued behind this collective is cancelled, and NCCL's watchdog never meets a
+        # collective left hanging (it would take the process down). Peers still waiting on us are not
+        # released by it (measured on gloo): they raise at their own timeout.
+        self._abort()
+        t = self.timeout_s if timeout_s is None else timeout_s
+        return RefitTimeoutError(f"{self.name}: gave up waiting for {what} (timeout {t:.1f}s): a peer is "
+                                 f"dead or stuck ({_first_line(e)})", side=self.side)
 
     def broadcast(self, tensor: torch.Tensor, what: str) -> dist.Work:
         opts = dist.BroadcastOptions()
@@ -205,16 +225,16 @@ class Group:
         except Exception as e:
             raise self._lost(what, e) from e
 
-    def wait(self, work: dist.Work, what: str) -> None:
+    def wait(self, work: dist.Work, what: str, timeout_s: float | None = None) -> None:
         try:
-            work.wait(_td(self.timeout_s))
+            work.wait(_td(self.timeout_s if timeout_s is None else timeout_s))
         except Exception as e:
-            raise self._lost(what, e) from e
+            raise self._lost(what, e, timeout_s) from e
 
     def broadcast_wait(self, tensor: torch.Tensor, what: str) -> None:
         self.wait(self.broadcast(tensor, what), what)
 
-    def statuses(self, code: int, what: str) -> list[int]:
+    def statuses(self, code: int, what: str, timeout_s: float | None = None) -> list[int]:
         """Everyone's code (0: fine), after an all-reduce MAX of a vector where each rank fills its slot.
 
         A vector rather than one MIN'd flag: every rank learns which rank failed, and reads its details."""
@@ -225,8 +245,8 @@ class Group:
         try:
             work = self.pg.allreduce([t], opts)
         except Exception as e:
-            raise self._lost(what, e) from e
-        self.wait(work, what)
+            raise self._lost(what, e, timeout_s) from e
+        self.wait(work, what, timeout_s)
         return t.tolist()
 
     def settle(self, refit_id: int, own: BaseException | None, what: str) -> None:
@@ -250,21 +270,29 @@ class Group:
         try:
             info = json.loads(self.store.get(f"err/{refit_id}/{origin}"))
         except Exception as e:
-            info = {"kind": "RefitError", "message": f"(details unavailable: {_first_line(e)})", "traceback": ""}
+            info = {"kind": "RefitError", "message": f"(details unavailable: {_first_line(e)})",
+                    "traceback": ""}
         side = "sender" if origin == 0 else "receiver"
         others = f" (failed ranks: {failed})" if len(failed) > 1 else ""
         raise remote_error(info["kind"], f"[rank {origin}, refit {refit_id}] {info['message']}{others}",
                            side=side, traceback=info["traceback"])
 
-    def close(self) -> None:
-        # A broken group may have a collective stuck on a dead peer: abort it rather than wait for it.
-        pg, self.pg = getattr(self, "pg", None), None
-        if pg is not None:
+    def _abort(self) -> None:
+        if not self.broken:
+            self.broken = True
             try:
-                (pg.abort if self.broken else pg.shutdown)()
+                self.pg.abort()
             except Exception:
-                log.debug("%s: closing the group", self.name, exc_info=True)
+                log.debug("%s: aborting the group", self.name, exc_info=True)
+
+    def close(self) -> None:
+        if not self.broken:
+            try:
+                self.pg.shutdown()
+            except Exception:
+                log.debug("%s: shutting the group down", self.name, exc_info=True)
         self.broken = True
+        self.pg = None
 
 
 def _first_line(e: BaseException) -> str:
@@ -292,15 +320,17 @@ class BroadcastSender:
     `connect()` (or the first `stream()`), which waits for every receiver to join."""
 
     def __init__(self, *, host: str, world_size: int, device: str, buffer_bytes: int, timeout_s: float = 60.0,
-                 overlap: bool = True, port: int = 0) -> None:
+                 overlap: bool = True, port: int = 0, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         if world_size < 2:
             raise ValueError(f"world_size must count the sender and at least one receiver, got {world_size}")
         self.world_size = world_size
         self.device = torch.device(device)
         self.buffer_bytes = buffer_bytes
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.overlap = overlap
-        self._store = dist.TCPStore(host, port, world_size, True, timeout=_td(timeout_s), wait_for_workers=False)
+        self._store = dist.TCPStore(host, port, world_size, True, timeout=_td(connect_timeout_s),
+                                    wait_for_workers=False)
         self.address = (host, self._store.port)
         if self.device.type == "cuda":
             cumem = os.environ.get("NCCL_CUMEM_ENABLE", CUMEM_DEFAULT)
@@ -312,10 +342,15 @@ class BroadcastSender:
         self._buffers: list[torch.Tensor] = []
         self._views: dict[int, list[torch.Tensor]] = {}
 
+    @property
+    def group(self) -> Group | None:
+        """The formed group (None before `connect`): for collectives of one's own, e.g. a benchmark floor."""
+        return self._group
+
     def connect(self) -> None:
         if self._group is None:
             self._group = Group(store=self._store, rank=0, world_size=self.world_size, device=self.device,
-                                timeout_s=self.timeout_s)
+                                timeout_s=self.timeout_s, connect_timeout_s=self.connect_timeout_s)
             self._sent_digest = None
 
     def manifest(self, meta: Meta) -> Manifest:
@@ -462,13 +497,15 @@ class BroadcastReceiver:
 
     def __init__(self, *, master: tuple[str, int], rank: int, world_size: int, device: str, load_fn: LoadFn,
                  begin_fn: Callable[[], None] | None = None, finish_fn: Callable[[], None] | None = None,
-                 timeout_s: float = 60.0, expected: Expected | None = None) -> None:
+                 timeout_s: float = 60.0, expected: Expected | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         if not 0 < rank < world_size:
             raise ValueError(f"receiver rank must be in 1..{world_size - 1}, got {rank}")
         self.master, self.rank, self.world_size = master, rank, world_size
         self.device = torch.device(device)
         self.load_fn, self.begin_fn, self.finish_fn = load_fn, begin_fn, finish_fn
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.expected = expected
         self._store: dist.Store | None = None
         self._group: Group | None = None
@@ -476,21 +513,26 @@ class BroadcastReceiver:
         self._buffers: list[torch.Tensor] = []
         self._views: dict[int, list[torch.Tensor]] = {}
 
+    @property
+    def group(self) -> Group | None:
+        return self._group
+
     def connect(self) -> None:
-        """Join the group (blocks until the sender and every other receiver have joined, within the timeout)."""
+        """Join the group: blocks until the sender and every other receiver are in (`connect_timeout_s`)."""
         if self._group is not None:
             return
         host, port = self.master
         try:
-            self._store = dist.TCPStore(host, port, self.world_size, False, timeout=_td(self.timeout_s),
-                                        wait_for_workers=False)
+            self._store = dist.TCPStore(host, port, self.world_size, False,
+                                        timeout=_td(self.connect_timeout_s), wait_for_workers=False)
             if self.device.type == "cuda":
                 _nccl_env(self._store.get("nccl_cumem").decode())
         except Exception as e:
             raise RefitTimeoutError(f"receiver rank {self.rank}: no sender's store at {host}:{port} within "
-                                    f"{self.timeout_s:.1f}s: {_first_line(e)}", side="receiver") from e
+                                    f"{self.connect_timeout_s:.1f}s: {_first_line(e)}",
+                                    side="receiver") from e
         self._group = Group(store=self._store, rank=self.rank, world_size=self.world_size, device=self.device,
-                            timeout_s=self.timeout_s)
+                            timeout_s=self.timeout_s, connect_timeout_s=self.connect_timeout_s)
 
     def receive(self) -> BroadcastReceiveStats:
         """Take part in one refit; see the state machine in the module docstring."""
@@ -498,8 +540,8 @@ class BroadcastReceiver:
         g = self._group
         assert g is not None
         if g.broken:
-            raise RefitError(f"{g.name}: the group is broken by an earlier failure; close() and open a new one",
-                             side="receiver")
+            raise RefitError(f"{g.name}: the group is broken by an earlier failure; close() and open a new "
+                             "one", side="receiver")
         t = torch.empty(8, dtype=torch.int64, device=self.device)
         g.broadcast_wait(t, "the sender to start a refit (the header)")
         t0 = time.perf_counter()
@@ -589,8 +631,8 @@ class BroadcastReceiver:
             if status == ABORT:
                 aborted = True
             elif own is None and (rid, index, magic) != (h.refit_id, b.index, MAGIC):
-                own = RefitError(f"{g.name}: bucket {b.index} of refit {h.refit_id} arrived as bucket {index} "
-                                 f"of refit {rid}")
+                own = RefitError(f"{g.name}: bucket {b.index} of refit {h.refit_id} arrived as bucket "
+                                 f"{index} of refit {rid}")
             if own is None and not aborted:
                 t = time.perf_counter()
                 try:
@@ -605,8 +647,8 @@ class BroadcastReceiver:
             try:
                 missing = [manifest.entries[i].name for i, s in enumerate(seen) if s != 1]
                 if missing:
-                    raise ManifestError(f"refit {h.refit_id}: {len(missing)} entries not received exactly once: "
-                                        f"{missing[:5]}")
+                    raise ManifestError(f"refit {h.refit_id}: {len(missing)} entries not received exactly "
+                                        f"once: {missing[:5]}")
                 if self.finish_fn is not None:
                     self.finish_fn()
             except Exception as e:
@@ -638,13 +680,19 @@ def master_key(job: str) -> str:
     return f"bcast/{job}"
 
 
-def publish_master(job: str, address: tuple[str, int]) -> None:
-    """Register the sender's store address with the job's rendezvous actor (in a Ray process)."""
+def publish_master(job: str, address: tuple[str, int]) -> Any:
+    """Register the sender's store address with the job's rendezvous actor (in a Ray process).
+
+    Keep the returned actor handle as long as receivers may look the address up: the rendezvous actor is
+    not detached, and Ray ends it once its creator drops its last handle (measured: a handle dropped at
+    the end of an actor's `__init__` took the registered address with it)."""
     import ray
 
     from colocate.rendezvous import get_rendezvous
 
-    ray.get(get_rendezvous(job).register.remote(master_key(job), list(address)))
+    rendezvous = get_rendezvous(job)
+    ray.get(rendezvous.register.remote(master_key(job), list(address)))
+    return rendezvous
 
 
 def lookup_master(job: str, timeout_s: float) -> tuple[str, int]:

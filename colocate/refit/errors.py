@@ -40,10 +40,9 @@ def remote_error(kind: str, message: str, *, side: str, traceback: str) -> Refit
 
 
 def _rebuild(cls: type[RefitError], message: str, side: str) -> RefitError:
-    e = cls.__new__(cls)
-    RuntimeError.__init__(e, message)
-    e.side, e.remote_traceback = side, ""
-    return e
+    # Through the constructor: `cls.__new__(cls)` is refused for RefitTimeoutError, whose TimeoutError base
+    # has an instance layout of its own. The message already holds any remote traceback.
+    return cls(message, side=side)
 
 
 # Ray pickles exceptions across processes; keep `side` (the remote traceback is already in the message).

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from colocate.engine import vllm_engine
+from colocate.refit.broadcast_ext import BroadcastRefitExtension
 from colocate.refit.checksum import checksum
 from colocate.refit.receiver import RefitReceiver
 
@@ -32,7 +33,7 @@ def fingerprint(t: torch.Tensor) -> str:
     return "sha256:" + hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
 
 
-class ColocateRefitExtension:
+class ColocateRefitExtension(BroadcastRefitExtension):
     """Mixed into the vLLM worker, so `self` is the worker."""
 
     _colocate_receiver: RefitReceiver | None = None

@@ -1,0 +1,25 @@
+"""Shared by the generation tests: one Ray session and two tiny models (seeds 0 and 1, same tokenizer)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from colocate.models.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="package")
+def ray_session():
+    if ray.is_initialized():  # started by whoever ran before us: share it, leave it running
+        yield
+        return
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="package")
+def models(tmp_path_factory) -> dict[int, str]:
+    root = tmp_path_factory.mktemp("generation-models")
+    return {seed: str(build_tiny_model(root / f"seed{seed}", seed=seed)) for seed in (0, 1)}

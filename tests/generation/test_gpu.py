@@ -1,0 +1,74 @@
+"""GPU: the colocated memory dance of one RL step on a real GPU, with the generation group's sleep mode.
+
+    sleep(level=1) -> wake_up(["weights"]) -> refit -> wake_up(["kv_cache"]) -> generate
+
+The engine, started from model A and refit to B while asleep, must decode exactly as an engine started from B.
+Each phase is timed and printed. Skipped without CUDA; run on the device machine with `pytest -m gpu -s`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from colocate.generation.errors import GenerationWorkerError
+from colocate.generation.group import GenerationGroup
+from colocate.models.tiny import build_tiny_model
+from colocate.refit.futures import await_refit
+from colocate.refit.jobdir import new_job_dir, new_token
+from tests.generation.actors import CheckpointSender
+
+pytestmark = pytest.mark.gpu
+PROMPTS = [[1, 5, 9, 33], [7, 7, 2], [100, 4, 250, 3, 9]]
+MAX_TOKENS = 16
+TIMEOUT = 60.0
+ENGINE = dict(num_workers=1, num_gpus_per_worker=0.5, dtype="bfloat16", kv_cache_memory_bytes=256 << 20,
+              gpu_memory_utilization=0.3, max_model_len=256, enable_sleep_mode=True)
+
+
+def greedy(group):
+    return [r.response_ids for r in group.generate(PROMPTS, temperature=0.0, max_tokens=MAX_TOKENS)]
+
+
+@pytest.mark.parametrize("engine", ["sync", "async"])
+def test_sleep_wake_refit_on_gpu(ray_session, tmp_path, engine):
+    a = str(build_tiny_model(tmp_path / "a", seed=0, dtype="bfloat16"))
+    b = str(build_tiny_model(tmp_path / "b", seed=1, dtype="bfloat16"))
+    reference = GenerationGroup(engine=engine, model=b, **ENGINE)
+    want_b = greedy(reference)
+    reference.shutdown()
+
+    group = GenerationGroup(engine=engine, model=a, **ENGINE)
+    assert greedy(group) != want_b
+    job, job_dir, token = f"test-generation-gpu-{engine}", new_job_dir(), new_token()
+    [key] = group.open_refit(job, job_dir, token, TIMEOUT)
+    assert "/cuda:" in key
+    # The policy rank's stand-in shares the GPU with the engine, as in colocated training.
+    sender = CheckpointSender.options(num_gpus=0.5).remote(job=job, job_dir=job_dir, token=token, key=key,
+                                                           timeout_s=TIMEOUT, buffer_bytes=1 << 20,
+                                                           device="cuda")
+    ray.get(sender.__ray_ready__.remote())
+
+    seconds = {}
+
+    def phase(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        seconds[name] = time.perf_counter() - start
+        return out
+
+    phase("sleep(level=1)", lambda: group.sleep(level=1))
+    with pytest.raises(GenerationWorkerError, match="asleep"):
+        group.generate(PROMPTS, max_tokens=4)
+    phase("wake_up(weights)", lambda: group.wake_up(["weights"]))
+    phase("refit", lambda: await_refit({"sender": [sender.stream.remote(b)],
+                                        "receiver": group.receive_refit_futures()}, timeout_s=2 * TIMEOUT))
+    phase("wake_up(kv_cache)", lambda: group.wake_up(["kv_cache"]))
+    got = phase("generate", lambda: greedy(group))
+    print(f"\n{engine}: " + ", ".join(f"{name} {s * 1000:.1f} ms" for name, s in seconds.items()))
+    assert got == want_b
+    assert group.weight_versions() == [1]
+    ray.get(sender.close.remote())
+    group.shutdown()

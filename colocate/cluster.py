@@ -65,8 +65,9 @@ class Cluster:
     job_dir: str
     token: str
 
-    def refit(self) -> float:
-        """Policy -> every engine, both sides' tasks launched together; returns milliseconds."""
+    def refit(self) -> dict[str, float]:
+        """Policy -> every engine, both sides' tasks launched together; the time it took, and its parts
+        (the slowest sender's gather / pack / wait for acks, the slowest engine's load), in ms."""
         t = time.perf_counter()
         r = self.cfg.refit
         n_gen = self.cfg.placement.generation_workers
@@ -85,13 +86,25 @@ class Cluster:
                                         timeout_s=r.timeout_s, dtype=dtype)
                        for rank, w in enumerate(self.policy.workers)]
             receivers = self.generation.receive_broadcast_futures()
-        await_refit({"sender": senders, "receiver": receivers}, timeout_s=3 * r.timeout_s)
-        return (time.perf_counter() - t) * 1e3
+        out = await_refit({"sender": senders, "receiver": receivers}, timeout_s=3 * r.timeout_s)
+        parts = {"refit_ms": (time.perf_counter() - t) * 1e3}
+        sent = [s for s in out["sender"] if s]
+        for key in ("gather_seconds", "pack_seconds", "wait_seconds"):
+            if sent and key in sent[0]:
+                parts[f"refit_{key.split('_')[0]}_ms"] = max(s[key] for s in sent) * 1e3
+        got = [s for s in out["receiver"] if s and "load_seconds" in s]
+        if got:
+            parts["refit_load_ms"] = max(s["load_seconds"] for s in got) * 1e3
+        return parts
 
     def close(self) -> None:
         try:
             if self.policy is not None and self.transport == "zmq":
                 self.policy.execute(close_sender)
+            elif self.policy is not None:
+                from colocate.refit.broadcast_policy import close_broadcast_sender
+
+                self.policy.execute(close_broadcast_sender)
         except Exception:  # closing after a failure: the actors may be gone
             pass
         for group in (self.generation, self.policy):

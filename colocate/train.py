@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 def _set_lr(worker: Any, lr: float) -> None:
     # The schedule multiplies base_lrs; the warm-up and the RL phase each set their own.
     worker.scheduler.base_lrs = [lr for _ in worker.scheduler.base_lrs]
+    worker.scheduler._last_lr = [lr for _ in worker.scheduler.base_lrs]
     for group in worker.optimizer.param_groups:
         group["lr"] = lr
 

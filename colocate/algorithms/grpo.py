@@ -56,7 +56,7 @@ def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
 
 
 class GRPO:
-    def __init__(self, *, policy: Any, generation: Any, refit: Callable[[], float], tokenizer: Any,
+    def __init__(self, *, policy: Any, generation: Any, refit: Callable[[], dict[str, float]], tokenizer: Any,
                  train: list[Problem], val: list[Problem], prompts_per_step: int, samples_per_prompt: int,
                  temperature: float, top_p: float, max_new_tokens: int, seed: int,
                  sleep: bool = False, offload: bool = False) -> None:
@@ -143,7 +143,7 @@ class GRPO:
             t = time.perf_counter()
             self.generation.wake_up(tags=["weights"])  # weights first: the KV cache comes back after the refit
             sleep_s += time.perf_counter() - t
-        m["refit_ms"] = self.refit()
+        m.update(self.refit())
         if self.offload:
             self.policy.offload(include_params=True)
         if self.sleep:

@@ -37,7 +37,10 @@ class StreamStats:
     bytes: int
     seconds: float
     pack_seconds: float
+    """Filling buffers, including `gather_seconds`."""
     wait_seconds: float
+    gather_seconds: float = 0.0
+    """Inside the tensor iterator (an FSDP policy's all-gather of each parameter)."""
 
 
 class RefitSender:
@@ -185,7 +188,8 @@ class RefitSender:
             if self.verify and ack.checksums is None:
                 raise RefitError(f"receiver returned no checksums for message {seq}")
 
-        it = iter(named_tensors)
+        gather = [0.0]
+        it = _timed(iter(named_tensors), gather)
         regular = 0  # the two buffers alternate over the buckets that use them
         for bucket in manifest.buckets:
             own = bucket.oversized or self.per_tensor
@@ -220,7 +224,7 @@ class RefitSender:
         self._send(wire.Done(rid, seq, len(manifest.buckets)))
         self._wait_ack(seq)
         return StreamStats(rid, len(manifest.buckets), manifest.total_bytes, time.perf_counter() - t0,
-                           pack_s, wait_s)
+                           pack_s, wait_s, gather[0])
 
     def _buffer_for(self, own: bool, slot: int, group: list[tuple[Entry, torch.Tensor]]
                     ) -> tuple[SendBuffer, SendBuffer | None]:
@@ -252,6 +256,19 @@ class RefitSender:
         self._release_all(tell_receiver=True)
         self._sock.close(linger=200)  # long enough to hand the Release over, bounded if the peer is gone
         self._ctx.term()
+
+
+def _timed(it, total: list[float]):
+    """Yield from `it`, adding the time spent producing each item to total[0]."""
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            total[0] += time.perf_counter() - t
+            return
+        total[0] += time.perf_counter() - t
+        yield item
 
 
 def _next_matching(it, e: Entry, entries: Sequence[Entry], index: int) -> torch.Tensor:

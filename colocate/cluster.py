@@ -23,6 +23,7 @@ from colocate.config import Config, ConfigError, check
 from colocate.refit.futures import await_refit
 from colocate.refit.jobdir import new_job_dir, new_token
 from colocate.refit.policy_side import close_sender, stream_weights
+from colocate.rendezvous import get_rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Cluster:
     job: str
     job_dir: str
     token: str
+    rendezvous: Any = None
 
     def refit(self) -> dict[str, float]:
         """Policy -> every engine, both sides' tasks launched together; the time it took, and its parts
@@ -138,6 +140,9 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
         raise ConfigError(f"the cluster cannot place {bundles} (resources: {ray.cluster_resources()})")
     job_dir, token = new_job_dir(), new_token()
     cluster = Cluster(cfg, transport, model_path, None, None, pg, job, job_dir, token)
+    # The driver creates the job's rendezvous actor and holds it for the whole run: a named actor that is
+    # not detached ends when its creator drops its last handle.
+    cluster.rendezvous = get_rendezvous(job)
     try:
         cluster.policy = PolicyGroup(
             num_workers=n_pol, num_cpus_per_worker=share, num_gpus_per_worker=share if on_gpu else 0,

@@ -53,5 +53,8 @@ class Rendezvous:
 
 
 def get_rendezvous(job: str) -> ray.actor.ActorHandle:
-    """The job's rendezvous actor, created by whoever asks first (a detached name would outlive the job)."""
+    """The job's rendezvous actor, created by whoever asks first (a detached name would outlive the job).
+
+    Ray ends a non-detached actor when its creator drops its last handle: the driver should create it first
+    and hold it for the job's lifetime (`cluster.build` does)."""
     return Rendezvous.options(name=f"rendezvous-{job}", namespace=NAMESPACE, get_if_exists=True).remote()

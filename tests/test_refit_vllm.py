@@ -13,6 +13,7 @@ from colocate.refit.errors import RefitError
 from colocate.refit.futures import await_refit
 from colocate.refit.jobdir import new_job_dir, new_token
 from colocate.refit.vllm_ext import fingerprint
+from colocate.rendezvous import get_rendezvous
 from tests.refit_actors import EngineActor, SenderActor, expected_params, fingerprint_all
 
 pytestmark = pytest.mark.slow
@@ -48,9 +49,11 @@ def pair(models):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     job, job_dir, token = "test-refit-vllm", new_job_dir(), new_token()
+    rendezvous = get_rendezvous(job)  # held by the driver for the module: the actors come and go
     engine = EngineActor.remote(models[0], job, job_dir, token, TIMEOUT)
     sender = SenderActor.remote(job, job_dir, token, TIMEOUT, 64 << 10)
     yield engine, sender
+    del rendezvous
     ray.get(sender.close.remote())
     ray.shutdown()
 

@@ -102,7 +102,7 @@ def _make_tensors(meta, dtype: torch.dtype, device: str, seed: int) -> list[tupl
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 

@@ -44,7 +44,15 @@ from typing import Any
 import torch
 
 from colocate.bench.model_shapes import param_meta, resolve_model
-from colocate.bench.refit import _cpu_name, _make_tensors, _versions, engine_params_match, plot, print_table
+from colocate.bench.refit import (
+    _cpu_name,
+    _make_tensors,
+    _sync,
+    _versions,
+    engine_params_match,
+    plot,
+    print_table,
+)
 
 METHODS = ("colocate", "colocate_serial", "floor", "vllm_native")
 EXT = "colocate.refit.vllm_ext.ColocateRefitExtension"
@@ -117,11 +125,6 @@ def _env(**values: str | None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # ---- the sender process -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import ray
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from colocate.config import ROOT, register
 from colocate.metrics import read_metrics
@@ -31,8 +32,11 @@ def test_entry_point_runs_every_stage(tmp_path):
                       overrides=["+recipe=grpo", *FEW_STEPS, "placement.ray_address=local",
                                  f"hydra.runtime.output_dir={tmp_path}"])
     HydraConfig.instance().set_config(cfg)
+    task_cfg = cfg.copy()  # what @hydra.main hands the task: the config without the `hydra` node
+    with open_dict(task_cfg):
+        del task_cfg["hydra"]
     try:
-        summary = main(cfg)
+        summary = main(task_cfg)
     finally:
         ray.shutdown()
     rows = read_metrics(tmp_path / "metrics.jsonl")

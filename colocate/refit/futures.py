@@ -8,6 +8,7 @@ remote traceback.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -54,7 +55,10 @@ def await_refit(futures: dict[str, list[ray.ObjectRef]], timeout_s: float) -> di
     if pending:
         stuck = sorted({side_of[r] for r in pending})
         for r in pending:
-            ray.cancel(r, force=True)
+            # Best effort: an actor task cannot be force-cancelled, and one blocked in a socket wait ends at
+            # its own timeout anyway.
+            with contextlib.suppress(Exception):
+                ray.cancel(r)
         raise RefitTimeoutError(f"refit did not finish within {timeout_s:.1f}s; still running: {stuck}",
                                 side=",".join(stuck))
     return {side: [results[r] for r in refs] for side, refs in futures.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,7 @@ class Cluster:
                     group.shutdown()
         if self.pg is not None:
             remove_placement_group(self.pg)
+        shutil.rmtree(self.job_dir, ignore_errors=True)  # sockets and segments were closed with their owners
 
 
 def build(cfg: Config, model_path: str, job: str) -> Cluster:

@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -326,6 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             proc.kill()
         llm.collective_rpc("colocate_refit_close")
         shutdown_llm(llm)
+        shutil.rmtree(job_dir, ignore_errors=True)
     return _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows)
 
 

@@ -72,7 +72,8 @@ class RefitSender:
         self._prepared: str | None = None
         self._buffers: list[SendBuffer] = []
         self._temporaries: list[SendBuffer] = []  # oversized buckets in flight
-        self._in_flight: deque[tuple[int, int, SendBuffer | None]] = deque()  # (seq, slot, temporary)
+        # (seq, slot, temporary buffer, checksums sent): the Loads not yet acked
+        self._in_flight: deque[tuple[int, int, SendBuffer | None, list[int] | None]] = deque()
         # Typed views into the ping-pong buffers per bucket, made once: building ~300 views costs more
         # Python time per refit than the copies themselves on a small model.
         self._views: dict[int, list[torch.Tensor]] = {}
@@ -179,14 +180,14 @@ class RefitSender:
         def wait_oldest() -> None:
             nonlocal wait_s
             t = time.perf_counter()
-            seq, _slot, tmp = in_flight.popleft()
+            seq, _slot, tmp, sums = in_flight.popleft()
             ack = self._wait_ack(seq)
             wait_s += time.perf_counter() - t
             if tmp is not None:
                 tmp.close()
                 self._temporaries.remove(tmp)
-            if self.verify and ack.checksums is None:
-                raise RefitError(f"receiver returned no checksums for message {seq}")
+            if self.verify and ack.checksums != sums:  # the receiver's own sums, checked on this side too
+                raise RefitError(f"sender: receiver's checksums for message {seq} differ from the sent ones")
 
         gather = [0.0]
         it = _timed(iter(named_tensors), gather)
@@ -197,7 +198,7 @@ class RefitSender:
             regular += not own
             # A buffer is refilled only after its ack; at most two buckets are ever in flight.
             while in_flight and (not self.overlap or len(in_flight) >= 2
-                                 or any(s == slot for _, s, _ in in_flight)):
+                                 or any(s == slot for _, s, _, _ in in_flight)):
                 wait_oldest()
             t = time.perf_counter()
             group = []
@@ -214,7 +215,7 @@ class RefitSender:
             pack_s += time.perf_counter() - t
             seq = self._next_seq()
             self._send(wire.Load(rid, seq, bucket.index, buf.handle, sums))
-            in_flight.append((seq, slot, tmp))
+            in_flight.append((seq, slot, tmp, sums))
         leftover = next(it, None)
         if leftover is not None:
             raise ManifestError(f"extra tensor {leftover[0]!r} not in the manifest")

@@ -51,24 +51,33 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import torch
 import torch.distributed as dist
 
+from colocate.refit.broadcast_frames import (  # noqa: F401  (re-exported: the wire format of this transport)
+    ABORT,
+    MAGIC,
+    OK,
+    TRAILER_BYTES,
+    TRAILER_WORDS,
+    Header,
+    bucket_views,
+    decode_manifest,
+    digest_words,
+    encode_manifest,
+    frame_bytes,
+    trailer_offset,
+    trailer_words,
+    words_digest,
+)
 from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError, remote_error
-from colocate.refit.plan import Bucket, Entry, Manifest, ManifestError, dtype_from_name, plan
-from colocate.refit.sender import _next_matching
+from colocate.refit.plan import Bucket, Expected, Manifest, ManifestError, manifest_mismatch, next_matching, plan
 
 log = logging.getLogger(__name__)
 
 Meta = Sequence[tuple[str, str, tuple[int, ...]]]
 LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
-Expected = dict[str, tuple[str, tuple[int, ...]]]
 
-MAGIC = 0x636F6C6F63617465  # "colocate"
-OK, ABORT = 0, 1
-TRAILER_WORDS = 4
-TRAILER_BYTES = TRAILER_WORDS * 8
 # NCCL exchanges buffer handles between ranks for its P2P/NVLink transports: cuMem handles where
 # NCCL_CUMEM_ENABLE is on, legacy cudaIpc handles where it is off. Ranks that disagree cannot open each
 # other's buffers and the communicator's setup or first collective fails or hangs (vLLM and verl pin it for
@@ -80,83 +89,6 @@ CUMEM_DEFAULT = "0"
 # cold start, while a collective of a formed group is bounded by the much shorter `timeout_s`.
 CONNECT_TIMEOUT_S = 300.0
 
-
-# ---- pure helpers: header, trailer, manifest bytes, manifest checks ------------------------------------
-
-@dataclass(frozen=True)
-class Header:
-    refit_id: int
-    status: int
-    buckets: int
-    manifest_bytes: int
-    overlap: bool
-    digest: str  # 16 hex digits (Manifest.digest)
-
-    def words(self) -> list[int]:
-        hi, lo = digest_words(self.digest)
-        return [MAGIC, self.refit_id, self.status, self.buckets, self.manifest_bytes, int(self.overlap),
-                hi, lo]
-
-    @classmethod
-    def from_words(cls, w: Sequence[int]) -> Header:
-        if len(w) != 8 or w[0] != MAGIC:
-            raise RefitError(f"bad refit header {list(w)[:2]}...: the sender is no colocate BroadcastSender")
-        return cls(w[1], w[2], w[3], w[4], bool(w[5]), words_digest(w[6], w[7]))
-
-
-def digest_words(digest: str) -> tuple[int, int]:
-    """A 16-hex-digit digest as two non-negative int64 words (the header is one int64 tensor)."""
-    if len(digest) != 16:
-        raise ValueError(f"digest must be 16 hex digits, got {digest!r}")
-    return int(digest[:8], 16), int(digest[8:], 16)
-
-
-def words_digest(hi: int, lo: int) -> str:
-    return f"{hi:08x}{lo:08x}"
-
-
-def trailer_offset(nbytes: int) -> int:
-    """Where a bucket's trailer starts: after its bytes, 8-aligned so it can be read as int64."""
-    return (nbytes + 7) // 8 * 8
-
-
-def frame_bytes(nbytes: int) -> int:
-    """Bytes on the wire for a bucket of `nbytes`: data, padding, trailer."""
-    return trailer_offset(nbytes) + TRAILER_BYTES
-
-
-def trailer_words(refit_id: int, bucket: int, status: int) -> list[int]:
-    return [refit_id, bucket, status, MAGIC]
-
-
-def encode_manifest(manifest: Manifest) -> bytes:
-    return msgspec.json.encode(manifest)
-
-
-def decode_manifest(blob: bytes) -> Manifest:
-    try:
-        return msgspec.json.decode(blob, type=Manifest)
-    except msgspec.DecodeError as e:
-        raise ManifestError(f"unparsable manifest ({len(blob)} bytes): {e}") from None
-
-
-def manifest_mismatch(manifest: Manifest, expected: Expected | None) -> str | None:
-    """Why `manifest` is not what the engine expects (name -> (dtype, shape)), or None if it is."""
-    if expected is None:
-        return None
-    got = {e.name: (e.dtype, tuple(e.shape)) for e in manifest.entries}
-    want = {n: (d, tuple(s)) for n, (d, s) in expected.items()}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    both = sorted(set(got) & set(want))
-    wrong = [f"{n}: {got[n]} != expected {want[n]}" for n in both if got[n] != want[n]]
-    if not (missing or extra or wrong):
-        return None
-    return f"manifest does not match the engine: missing={missing[:5]} extra={extra[:5]} wrong={wrong[:5]}"
-
-
-def bucket_views(buf: torch.Tensor, entries: Sequence[Entry]) -> list[torch.Tensor]:
-    """Typed views of each entry's bytes in a bucket buffer (flat uint8)."""
-    return [buf[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape) for e in entries]
 
 
 # ---- the group ------------------------------------------------------------------------------------------
@@ -431,7 +363,7 @@ class BroadcastSender:
                    else self._buffers[slot][:frame_bytes(b.nbytes)])
             if own is None:
                 try:
-                    group = [_next_matching(it, e, entries, index + k) for k, e in
+                    group = [next_matching(it, e, entries, index + k) for k, e in
                              enumerate(entries[b.first:b.last])]
                     index += len(group)
                     views = self._views.get(b.index) if not b.oversized else None

@@ -14,7 +14,7 @@ Layout rules:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import msgspec
 import torch
@@ -153,3 +153,39 @@ def check_tensor(entry: Entry, tensor: torch.Tensor) -> None:
         raise ManifestError(f"{entry.name}: shape {tuple(tensor.shape)} != manifest {entry.shape}")
     if dtype_name(tensor.dtype) != entry.dtype:
         raise ManifestError(f"{entry.name}: dtype {dtype_name(tensor.dtype)} != manifest {entry.dtype}")
+
+
+def next_matching(it: Iterator[tuple[str, torch.Tensor]], e: Entry, entries: Sequence[Entry], index: int
+                  ) -> torch.Tensor:
+    """The iterator's next tensor, checked against manifest entry `e` (the index-th)."""
+    try:
+        name, tensor = next(it)
+    except StopIteration:
+        missing = [x.name for x in entries[index:]]
+        raise ManifestError(f"missing tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}") from None
+    if name != e.name:
+        known = {x.name: i for i, x in enumerate(entries)}
+        if name not in known:
+            raise ManifestError(f"extra tensor {name!r} not in the manifest")
+        if known[name] < index:
+            raise ManifestError(f"duplicate tensor {name!r}")
+        raise ManifestError(f"missing tensor {e.name!r} (got {name!r} in its place)")
+    check_tensor(e, tensor)
+    return tensor
+
+
+Expected = dict[str, tuple[str, tuple[int, ...]]]
+
+
+def manifest_mismatch(manifest: Manifest, expected: Expected | None) -> str | None:
+    """Why `manifest` is not what the engine expects (name -> (dtype, shape)), or None if it is."""
+    if expected is None:
+        return None
+    got = {e.name: (e.dtype, tuple(e.shape)) for e in manifest.entries}
+    want = {n: (d, tuple(s)) for n, (d, s) in expected.items()}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    both = sorted(set(got) & set(want))
+    wrong = [f"{n}: {got[n]} != expected {want[n]}" for n in both if got[n] != want[n]]
+    if not (missing or extra or wrong):
+        return None
+    return f"manifest does not match the engine: missing={missing[:5]} extra={extra[:5]} wrong={wrong[:5]}"

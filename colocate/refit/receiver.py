@@ -41,7 +41,7 @@ from colocate.refit.buffers import BufferCache
 from colocate.refit.checksum import checksum
 from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError, remote_error
 from colocate.refit.jobdir import ensure_private_dir, random_name
-from colocate.refit.plan import Entry, Manifest, ManifestError, dtype_from_name
+from colocate.refit.plan import Entry, Expected, Manifest, ManifestError, dtype_from_name, manifest_mismatch
 
 LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
 
@@ -74,7 +74,8 @@ class RefitReceiver:
         self.begin_fn = begin_fn
         self.finish_fn = finish_fn
         self.timeout_s = timeout_s
-        self.expected = {n: (d, tuple(s)) for n, d, s in expected} if expected is not None else None
+        self.expected: Expected | None = (
+            {n: (d, tuple(s)) for n, d, s in expected} if expected is not None else None)
         self.rejected = 0
         self.cache = BufferCache(job_dir)
         self._manifests: dict[str, Manifest] = {}
@@ -183,16 +184,9 @@ class RefitReceiver:
         self.cache.drop()
 
     def _check_expected(self, manifest: Manifest) -> None:
-        if self.expected is None:
-            return
-        got = {e.name: (e.dtype, e.shape) for e in manifest.entries}
-        missing = sorted(set(self.expected) - set(got))
-        extra = sorted(set(got) - set(self.expected))
-        wrong = [f"{n}: {got[n]} != expected {self.expected[n]}"
-                 for n in sorted(set(got) & set(self.expected)) if got[n] != self.expected[n]]
-        if missing or extra or wrong:
-            raise ManifestError(f"manifest does not match the engine: missing={missing[:5]} extra={extra[:5]} "
-                                f"wrong={wrong[:5]}")
+        why = manifest_mismatch(manifest, self.expected)
+        if why is not None:
+            raise ManifestError(why)
 
     def _load(self, manifest: Manifest, seen: bytearray, msg: wire.Load, digest: str) -> list[int] | None:
         if not 0 <= msg.bucket < len(manifest.buckets):

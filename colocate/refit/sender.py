@@ -25,7 +25,7 @@ from colocate.refit import wire
 from colocate.refit.buffers import SendBuffer
 from colocate.refit.checksum import checksum
 from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError, remote_error
-from colocate.refit.plan import Entry, Manifest, ManifestError, check_tensor, dtype_from_name, plan
+from colocate.refit.plan import Entry, Manifest, ManifestError, dtype_from_name, next_matching, plan
 
 Meta = Sequence[tuple[str, str, tuple[int, ...]]]
 
@@ -203,7 +203,7 @@ class RefitSender:
             t = time.perf_counter()
             group = []
             for e in entries[bucket.first:bucket.last]:
-                group.append((e, _next_matching(it, e, entries, index)))
+                group.append((e, next_matching(it, e, entries, index)))
                 index += 1
             buf, tmp = self._buffer_for(own, slot, group)
             if tmp is None and bucket.index not in self._views:
@@ -270,24 +270,6 @@ def _timed(it, total: list[float]):
             return
         total[0] += time.perf_counter() - t
         yield item
-
-
-def _next_matching(it, e: Entry, entries: Sequence[Entry], index: int) -> torch.Tensor:
-    """The iterator's next tensor, checked against manifest entry `e` (the index-th)."""
-    try:
-        name, tensor = next(it)
-    except StopIteration:
-        missing = [x.name for x in entries[index:]]
-        raise ManifestError(f"missing tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}") from None
-    if name != e.name:
-        known = {x.name: i for i, x in enumerate(entries)}
-        if name not in known:
-            raise ManifestError(f"extra tensor {name!r} not in the manifest")
-        if known[name] < index:
-            raise ManifestError(f"duplicate tensor {name!r}")
-        raise ManifestError(f"missing tensor {e.name!r} (got {name!r} in its place)")
-    check_tensor(e, tensor)
-    return tensor
 
 
 def _views(buf: SendBuffer, group: list[tuple[Entry, torch.Tensor]]) -> list[torch.Tensor]:

@@ -1,0 +1,81 @@
+"""The bytes of a split-placement refit on the wire: the header, each bucket's trailer, the manifest blob.
+
+Pure: no process group here; `broadcast.py` moves these bytes and documents the protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+import torch
+
+from colocate.refit.errors import RefitError
+from colocate.refit.plan import Entry, Manifest, ManifestError, dtype_from_name
+
+MAGIC = 0x636F6C6F63617465  # "colocate"
+OK, ABORT = 0, 1
+TRAILER_WORDS = 4
+TRAILER_BYTES = TRAILER_WORDS * 8
+
+@dataclass(frozen=True)
+class Header:
+    refit_id: int
+    status: int
+    buckets: int
+    manifest_bytes: int
+    overlap: bool
+    digest: str  # 16 hex digits (Manifest.digest)
+
+    def words(self) -> list[int]:
+        hi, lo = digest_words(self.digest)
+        return [MAGIC, self.refit_id, self.status, self.buckets, self.manifest_bytes, int(self.overlap),
+                hi, lo]
+
+    @classmethod
+    def from_words(cls, w: Sequence[int]) -> Header:
+        if len(w) != 8 or w[0] != MAGIC:
+            raise RefitError(f"bad refit header {list(w)[:2]}...: the sender is no colocate BroadcastSender")
+        return cls(w[1], w[2], w[3], w[4], bool(w[5]), words_digest(w[6], w[7]))
+
+
+def digest_words(digest: str) -> tuple[int, int]:
+    """A 16-hex-digit digest as two non-negative int64 words (the header is one int64 tensor)."""
+    if len(digest) != 16:
+        raise ValueError(f"digest must be 16 hex digits, got {digest!r}")
+    return int(digest[:8], 16), int(digest[8:], 16)
+
+
+def words_digest(hi: int, lo: int) -> str:
+    return f"{hi:08x}{lo:08x}"
+
+
+def trailer_offset(nbytes: int) -> int:
+    """Where a bucket's trailer starts: after its bytes, 8-aligned so it can be read as int64."""
+    return (nbytes + 7) // 8 * 8
+
+
+def frame_bytes(nbytes: int) -> int:
+    """Bytes on the wire for a bucket of `nbytes`: data, padding, trailer."""
+    return trailer_offset(nbytes) + TRAILER_BYTES
+
+
+def trailer_words(refit_id: int, bucket: int, status: int) -> list[int]:
+    return [refit_id, bucket, status, MAGIC]
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    return msgspec.json.encode(manifest)
+
+
+def decode_manifest(blob: bytes) -> Manifest:
+    try:
+        return msgspec.json.decode(blob, type=Manifest)
+    except msgspec.DecodeError as e:
+        raise ManifestError(f"unparsable manifest ({len(blob)} bytes): {e}") from None
+
+
+def bucket_views(buf: torch.Tensor, entries: Sequence[Entry]) -> list[torch.Tensor]:
+    """Typed views of each entry's bytes in a bucket buffer (flat uint8)."""
+    return [buf[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape) for e in entries]

@@ -11,7 +11,7 @@ import time
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from colocate.models.tiny import build_tiny_model
 from colocate.refit.broadcast import (
@@ -31,7 +31,7 @@ from colocate.refit.futures import await_refit
 from colocate.refit.plan import ManifestError, plan, tensor_meta
 from colocate.refit.vllm_ext import fingerprint
 from colocate.rendezvous import get_rendezvous
-from tests import broadcast_actors
+from tests import broadcast_actors, hf_reference
 from tests.broadcast_actors import EngineActor, SenderActor, checkpoint_tensors, expected_meta, to_bytes
 
 CTX = mp.get_context("spawn")
@@ -235,15 +235,7 @@ def models(tmp_path_factory):
 def hf(models):
     tok = AutoTokenizer.from_pretrained(models[0])
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
-    out = {}
-    for seed, path in models.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        out[seed] = []
-        for ids in prompt_ids:
-            x = torch.tensor([ids])
-            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                               max_new_tokens=MAX_TOKENS)
-            out[seed].append(y[0, len(ids):].tolist())
+    out = {seed: hf_reference.greedy(path, prompt_ids, MAX_TOKENS) for seed, path in models.items()}
     assert out[0] != out[1]
     return prompt_ids, out
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colocate.models import tiny
+from tests import hf_reference
 
 PROMPTS = ["Q: 12+7= A:", "Q: 93-40= A:", "The answer is", "what"]
 MAX_NEW_TOKENS = 16
@@ -87,16 +88,7 @@ def prompt_ids(model_dirs: dict[int, Path]) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def hf_outputs(model_dirs: dict[int, Path], prompt_ids: list[list[int]]) -> dict[int, list[list[int]]]:
     """HF greedy continuations per seed: the reference the engine must reproduce token for token."""
-    outputs = {}
-    for seed, path in model_dirs.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        outputs[seed] = []
-        for ids in prompt_ids:
-            x = torch.tensor([ids])
-            out = model.generate(
-                x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=MAX_NEW_TOKENS
-            )
-            outputs[seed].append(out[0, len(ids) :].tolist())
+    outputs = {seed: hf_reference.greedy(str(path), prompt_ids, MAX_NEW_TOKENS) for seed, path in model_dirs.items()}
     assert outputs[0] != outputs[1]
     return outputs
 

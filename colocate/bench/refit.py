@@ -331,7 +331,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows)
 
 
-def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows) -> dict[str, Any]:
+def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, *,
+            prog: str = "colocate.bench.refit") -> dict[str, Any]:
+    """Medians, GB/s and ratio to `floor` per row, with the run's device, software, date and command."""
     floor = next((statistics.median(r["times_s"]) for r in rows if r["method"] == "floor" and "times_s" in r), None)
     for r in rows:
         if "times_s" in r:
@@ -351,7 +353,7 @@ def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows) -> dict[str
         "buffer_bytes": buffer_bytes,
         "repeats": args.repeats,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m colocate.bench.refit " + " ".join(sys.argv[1:]),
+        "command": f"python -m {prog} " + " ".join(sys.argv[1:]),
         "software": _versions(),
         "results": rows,
     }

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import multiprocessing as mp
 import os
@@ -45,14 +44,13 @@ import torch
 
 from colocate.bench.model_shapes import param_meta, resolve_model
 from colocate.bench.refit import (
-    _cpu_name,
     _make_tensors,
     _sync,
-    _versions,
     engine_params_match,
     plot,
     print_table,
 )
+from colocate.bench.refit import _report as refit_report
 
 METHODS = ("colocate", "colocate_serial", "floor", "vllm_native")
 EXT = "colocate.refit.vllm_ext.ColocateRefitExtension"
@@ -413,29 +411,11 @@ def _row(method: str, sender: dict, receivers: list[dict], sent_fps: dict[str, s
 
 
 def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows) -> dict[str, Any]:
-    floor = next((statistics.median(r["times_s"]) for r in rows if r["method"] == "floor" and "times_s" in r),
-                 None)
-    for r in rows:
-        if "times_s" in r:
-            med = statistics.median(r["times_s"])
-            r.update(median_s=med, min_s=min(r["times_s"]), gb_per_s=total_bytes / med / 1e9,
-                     ratio_to_floor=med / floor if floor else None)
-        r.setdefault("correct", None)
-    device = torch.cuda.get_device_name(0) if args.device == "cuda" else _cpu_name()
-    return {
-        "device": f"{args.receivers + 1} x {device}" if args.device == "cuda" else device,
-        "model": args.model,
-        "dtype": dtype,
-        "bytes": total_bytes,
-        "tensors": n_tensors,
-        "buffer_bytes": buffer_bytes,
-        "receivers": args.receivers,
-        "repeats": args.repeats,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m colocate.bench.split " + " ".join(sys.argv[1:]),
-        "software": _versions(),
-        "results": rows,
-    }
+    report = refit_report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, prog="colocate.bench.split")
+    if args.device == "cuda":
+        report["device"] = f"{args.receivers + 1} x {report['device']}"
+    report["receivers"] = args.receivers
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

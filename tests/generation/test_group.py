@@ -24,7 +24,7 @@ from colocate.generation.group import GenerationGroup
 from colocate.refit.errors import RefitError
 from colocate.refit.futures import await_refit
 from colocate.refit.jobdir import new_job_dir, new_token
-from tests.generation import hf_reference as hf
+from tests import hf_reference as hf
 from tests.generation.actors import CheckpointBroadcaster, CheckpointSender
 
 pytestmark = pytest.mark.slow

@@ -65,6 +65,10 @@ class GenerationConfig:
     engine: str = "sync"
     sleep: bool = False
     """Put the engine to sleep while the policy trains (GPU colocated)."""
+    sleep_level: int = 1
+    """1: weights are copied to host memory and back (safe for any refit); 2: weights are dropped, since the
+    refit that follows overwrites every one of them (no host copy either way; the engine refuses to generate
+    until a refit has completed)."""
     seed: int = 0
 
 
@@ -166,6 +170,8 @@ def check(cfg: Config, *, cluster_devices: int) -> str:
                               f"generation_workers={p.generation_workers}); the cluster has {cluster_devices}")
         if p.mode == "split" and cluster_devices < 2:
             raise ConfigError("placement 'split' needs at least 2 GPUs: one cluster device cannot be split")
+    if cfg.generation.sleep_level not in (1, 2):
+        raise ConfigError(f"generation.sleep_level must be 1 or 2, got {cfg.generation.sleep_level}")
     transport = cfg.refit.transport
     if transport == "auto":
         transport = "zmq" if p.mode == "colocated" else "broadcast"

@@ -41,7 +41,7 @@ def train(cfg: Config, cluster: Cluster, out_dir: Path) -> dict[str, Any]:
                 train=train_set, val=val_set, prompts_per_step=a.prompts_per_step,
                 samples_per_prompt=a.samples_per_prompt, temperature=a.temperature, top_p=a.top_p,
                 max_new_tokens=a.max_new_tokens, seed=d.seed, sleep=cfg.generation.sleep,
-                offload=cfg.policy.offload)
+                sleep_level=cfg.generation.sleep_level, offload=cfg.policy.offload)
     metrics = MetricsLogger(out_dir, tensorboard=cfg.logging.tensorboard)
     summary: dict[str, Any] = {"val_accuracy_initial": grpo.validate()}
     bar = not cfg.logging.progress

@@ -59,13 +59,13 @@ class GRPO:
     def __init__(self, *, policy: Any, generation: Any, refit: Callable[[], dict[str, float]], tokenizer: Any,
                  train: list[Problem], val: list[Problem], prompts_per_step: int, samples_per_prompt: int,
                  temperature: float, top_p: float, max_new_tokens: int, seed: int,
-                 sleep: bool = False, offload: bool = False) -> None:
+                 sleep: bool = False, sleep_level: int = 1, offload: bool = False) -> None:
         self.policy, self.generation, self.refit = policy, generation, refit
         self.tok = tokenizer
         self.train, self.val = train, val
         self.P, self.G = prompts_per_step, samples_per_prompt
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.sleep, self.offload = sleep, offload
+        self.sleep, self.sleep_level, self.offload = sleep, sleep_level, offload
         self.rng = torch.Generator().manual_seed(seed)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -102,7 +102,10 @@ class GRPO:
 
     # ---- one RL step ----------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, Any]:
+        """One RL step. Timed parts: generation_s, training_s (with the policy's onload), refit_ms,
+        sleep_wake_s, offload_s; step_s is the whole, and refit_share = (refit + sleep/wake) / step."""
         m: dict[str, Any] = {}
+        step_start = time.perf_counter()
         problems = self._sample_problems(self.P)
         t = time.perf_counter()
         rollouts = self.generation.generate(self._encode(problems), n=self.G, temperature=self.temperature,
@@ -124,7 +127,7 @@ class GRPO:
         sleep_s = 0.0
         if self.sleep:
             t = time.perf_counter()
-            self.generation.sleep(level=1)
+            self.generation.sleep(level=self.sleep_level)
             sleep_s += time.perf_counter() - t
         t = time.perf_counter()
         if self.offload:
@@ -145,10 +148,14 @@ class GRPO:
             sleep_s += time.perf_counter() - t
         m.update(self.refit())
         if self.offload:
+            t = time.perf_counter()
             self.policy.offload(include_params=True)
+            m["offload_s"] = time.perf_counter() - t
         if self.sleep:
             t = time.perf_counter()
             self.generation.wake_up(tags=["kv_cache"])
             sleep_s += time.perf_counter() - t
         m["sleep_wake_s"] = sleep_s
+        m["step_s"] = time.perf_counter() - step_start
+        m["refit_share"] = (m["refit_ms"] / 1e3 + sleep_s) / m["step_s"]
         return m

@@ -36,7 +36,8 @@ class GenerationWorkerDiedError(GenerationError):
 
 
 class WeightsIncompleteError(GenerationError):
-    """A refit failed part-way, so the engine may hold a mix of two versions; refit again before generating."""
+    """The engine's weights are not whole: a refit failed part-way (a mix of two versions), or sleep(level=2)
+    dropped them. Refit before generating."""
 
 
 class GenerationWorkerError(GenerationError):

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from colocate.generation.backends import AsyncBackend, Backend, SyncBackend
-from colocate.generation.errors import EngineStartError, PromptTooLongError
+from colocate.generation.errors import EngineStartError, PromptTooLongError, WeightsIncompleteError
 from colocate.generation.types import Prompt, Rollout, SamplingConfig
 from colocate.rendezvous import device_key, get_rendezvous
 
@@ -57,6 +57,7 @@ class GenerationWorker:
         self.max_model_len = max_model_len
         self.on_gpu = torch.cuda.is_available()
         self._asleep: set[str] = set()
+        self._weights_dropped = False  # by sleep(level=2), until a refit completes
         self._keys: list[str] = []
         self._rendezvous: Any = None  # the refit job's; held: the actor lives as long as its creator holds it
         self._bcast_rendezvous: Any = None
@@ -100,6 +101,9 @@ class GenerationWorker:
                                 seed=seed)
         if self._asleep:
             raise RuntimeError(f"worker {self.index} is asleep ({sorted(self._asleep)} released); wake it up")
+        if self._weights_dropped:
+            raise WeightsIncompleteError(f"worker {self.index}: sleep(level=2) dropped the weights; refit first",
+                                         worker_index=self.index)
         prompt_ids_B = [self.encode(p, chat=chat) for p in prompts]
         for i, ids in enumerate(prompt_ids_B):
             if len(ids) >= self.max_model_len:
@@ -168,7 +172,9 @@ class GenerationWorker:
         Returns TP rank 0's receive stats (every rank receives the same stream).
         """
         self._check_weights_awake()
-        return self._backend.update_weights("colocate_refit_receive", timeout_s)[0]
+        stats = self._backend.update_weights("colocate_refit_receive", timeout_s)[0]
+        self._weights_dropped = False
+        return stats
 
     def close_refit(self) -> None:
         self._backend.call_workers("colocate_refit_close")
@@ -208,7 +214,9 @@ class GenerationWorker:
             master = lookup_master(self._bcast_args["job"], self._bcast_args["connect_timeout_s"])
             self._backend.call_workers("colocate_bcast_open", **self._bcast_args, master=master)
             self._bcast_master = master
-        return self._backend.update_weights("colocate_bcast_receive")[0]
+        stats = self._backend.update_weights("colocate_bcast_receive")[0]
+        self._weights_dropped = False
+        return stats
 
     def close_broadcast(self) -> None:
         self._backend.call_workers("colocate_bcast_close")
@@ -232,13 +240,20 @@ class GenerationWorker:
 
     # -------------------------------------------------------------------------------------------- memory
     def sleep(self, level: int = 1) -> None:
-        """Release the weights and KV cache (GPU); in-flight requests finish first. A no-op on CPU."""
+        """Release the weights and KV cache (GPU); in-flight requests finish first. A no-op on CPU.
+
+        Level 1 copies the weights to host memory and back on wake-up; level 2 drops them (no copies), for
+        when a full refit follows: until one completes, `generate` raises `WeightsIncompleteError`.
+        """
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
         if not self.on_gpu:
             logger.warning("worker %d: sleep(level=%d) is a no-op on CPU (vLLM has no sleep mode there)",
                            self.index, level)
             return
         self._backend.sleep(level)
         self._asleep = set(ALL_TAGS)
+        self._weights_dropped = self._weights_dropped or level == 2
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Reallocate `tags` ("weights", "kv_cache"; None: all). A no-op on CPU."""
@@ -246,8 +261,11 @@ class GenerationWorker:
             logger.warning("worker %d: wake_up(tags=%s) is a no-op on CPU (vLLM has no sleep mode there)",
                            self.index, tags)
             return
-        self._backend.wake_up(tags)
-        self._asleep -= set(tags or ALL_TAGS)
+        asleep = [t for t in (tags or ALL_TAGS) if t in self._asleep]
+        if not asleep:  # mapping awake memory again would fail inside vLLM's allocator
+            return
+        self._backend.wake_up(asleep)
+        self._asleep -= set(asleep)
 
     def shutdown(self) -> None:
         if self._keys:

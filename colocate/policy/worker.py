@@ -114,7 +114,8 @@ class PolicyWorker:
         self.architecture = type(model).__name__
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = self._shard(model, _DTYPES[param_dtype])
+        self.param_dtype = _DTYPES[param_dtype]
+        self.model = self._shard(model, self.param_dtype)
 
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay
@@ -339,9 +340,13 @@ class PolicyWorker:
     # ---------------------------------------------------------------- weights and checkpoints
 
     def iter_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full weights one at a time, in HF names, on this rank's device (a collective generator)."""
+        """Full weights one at a time, in HF names, on this rank's device (a collective generator).
+
+        Each tensor is valid until the next one is asked for (in the FSDP compute dtype it is a view of the
+        module's gathered parameters, released when the generator moves on): copy it, or clone it to keep.
+        """
         self._require(params=True)
-        return iter_full_weights(self.model, dtype)
+        return iter_full_weights(self.model, dtype, fsdp_param_dtype=self.param_dtype)
 
     def weights_manifest(self, dtype: torch.dtype | None = None) -> list[ManifestEntry]:
         """`(name, shape, dtype)` of what `iter_weights(dtype)` yields; gathers nothing."""

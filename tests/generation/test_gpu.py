@@ -1,6 +1,8 @@
 """GPU: the colocated memory dance of one RL step on a real GPU, with the generation group's sleep mode.
 
-    sleep(level=1) -> wake_up(["weights"]) -> refit -> wake_up(["kv_cache"]) -> generate
+    sleep(level) -> wake_up(["weights"]) -> refit -> wake_up(["kv_cache"]) -> generate
+
+Level 1 keeps a host copy of the weights; level 2 drops them, and generating before the refit is refused.
 
 The engine, started from model A and refit to B while asleep, must decode exactly as an engine started from B.
 Each phase is timed and printed. Skipped without CUDA; run on the device machine with `pytest -m gpu -s`.
@@ -13,7 +15,7 @@ import time
 import pytest
 import ray
 
-from colocate.generation.errors import GenerationWorkerError
+from colocate.generation.errors import GenerationWorkerError, WeightsIncompleteError
 from colocate.generation.group import GenerationGroup
 from colocate.models.tiny import build_tiny_model
 from colocate.refit.futures import await_refit
@@ -32,8 +34,8 @@ def greedy(group):
     return [r.response_ids for r in group.generate(PROMPTS, temperature=0.0, max_tokens=MAX_TOKENS)]
 
 
-@pytest.mark.parametrize("engine", ["sync", "async"])
-def test_sleep_wake_refit_on_gpu(ray_session, tmp_path, engine):
+@pytest.mark.parametrize(("engine", "level"), [("sync", 1), ("sync", 2), ("async", 1), ("async", 2)])
+def test_sleep_wake_refit_on_gpu(ray_session, tmp_path, engine, level):
     a = str(build_tiny_model(tmp_path / "a", seed=0, dtype="bfloat16"))
     b = str(build_tiny_model(tmp_path / "b", seed=1, dtype="bfloat16"))
     reference = GenerationGroup(engine=engine, model=b, **ENGINE)
@@ -59,15 +61,19 @@ def test_sleep_wake_refit_on_gpu(ray_session, tmp_path, engine):
         seconds[name] = time.perf_counter() - start
         return out
 
-    phase("sleep(level=1)", lambda: group.sleep(level=1))
+    phase(f"sleep(level={level})", lambda: group.sleep(level=level))
     with pytest.raises(GenerationWorkerError, match="asleep"):
         group.generate(PROMPTS, max_tokens=4)
     phase("wake_up(weights)", lambda: group.wake_up(["weights"]))
+    if level == 2:  # awake, but with no weights until the refit: refused, not garbage
+        group.wake_up(["kv_cache"])
+        with pytest.raises(WeightsIncompleteError, match="level=2"):
+            group.generate(PROMPTS, max_tokens=4)
     phase("refit", lambda: await_refit({"sender": [sender.stream.remote(b)],
                                         "receiver": group.receive_refit_futures()}, timeout_s=2 * TIMEOUT))
     phase("wake_up(kv_cache)", lambda: group.wake_up(["kv_cache"]))
     got = phase("generate", lambda: greedy(group))
-    print(f"\n{engine}: " + ", ".join(f"{name} {s * 1000:.1f} ms" for name, s in seconds.items()))
+    print(f"\n{engine}, level {level}: " + ", ".join(f"{name} {s * 1000:.1f} ms" for name, s in seconds.items()))
     assert got == want_b
     assert group.weight_versions() == [1]
     ray.get(sender.close.remote())

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from colocate.models.tiny import build_tiny_model
 from colocate.policy.group import PolicyError, PolicyGroup
+from colocate.policy.weights import gather_groups
 from colocate.policy.worker import PolicyWorker
 
 # The functions sent to workers through `execute` live here, in a module the workers cannot import.
@@ -132,6 +133,14 @@ def _stream_and_gather(
     worker: PolicyWorker,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     streamed = {name: tensor.clone() for name, tensor in worker.iter_weights()}
+    # In the FSDP compute dtype (fp32 here) the weights are gathered one FSDP module at a time (`unshard`):
+    # the same bits, and one all-gather per decoder layer plus one for the root.
+    by_module = {name: tensor.clone() for name, tensor in worker.iter_weights(torch.float32)}
+    assert by_module.keys() == streamed.keys()
+    for name, tensor in by_module.items():
+        assert torch.equal(tensor, streamed[name]), name
+    owners = {id(m) for m, _ in gather_groups(worker.model, list(streamed)).values()}
+    assert len(owners) == worker.model.config.num_hidden_layers + 1
     # The reference path: DCP's full state dict, gathered independently of iter_weights.
     full = get_model_state_dict(
         worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -81,7 +81,9 @@ def iter_full_weights(
                         current.reshard()
                     owner.unshard()
                     current = owner
-                yield name, owner.get_parameter(local_name).detach()
+                # A copy: the consumer may hold several tensors (a bucket) past this module's reshard. One
+                # device copy per tensor is far cheaper than a collective per tensor.
+                yield name, owner.get_parameter(local_name).detach().clone()
                 continue
             tensor = tensor.detach()
             # Cast the local shard before gathering: half the traffic for bf16, and the same bits, since a

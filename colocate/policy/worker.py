@@ -340,11 +340,7 @@ class PolicyWorker:
     # ---------------------------------------------------------------- weights and checkpoints
 
     def iter_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full weights one at a time, in HF names, on this rank's device (a collective generator).
-
-        Each tensor is valid until the next one is asked for (in the FSDP compute dtype it is a view of the
-        module's gathered parameters, released when the generator moves on): copy it, or clone it to keep.
-        """
+        """Full weights one at a time, in HF names, on this rank's device (a collective generator)."""
         self._require(params=True)
         return iter_full_weights(self.model, dtype, fsdp_param_dtype=self.param_dtype)
 

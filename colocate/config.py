@@ -95,6 +95,7 @@ class AlgorithmConfig:
     """Supervised warm-up steps on the task's format, so that early rewards are not all zero."""
     sft_lr: float = 1e-3
     val_every: int = 5
+    """Score the held-out prompts every k steps (0: never) and always after the last step."""
     checkpoint_every: int = 0
     """0: no checkpoints."""
     resume_from: str | None = None

@@ -62,7 +62,7 @@ def train(cfg: Config, cluster: Cluster, out_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     for step in (pbar := tqdm(range(1, a.steps + 1), desc="GRPO", disable=bar)):
         m = grpo.step(step)
-        if a.val_every and (step % a.val_every == 0 or step == a.steps):
+        if step == a.steps or (a.val_every and step % a.val_every == 0):  # always a final held-out score
             m["val_accuracy"] = grpo.validate()
         if a.checkpoint_every and step % a.checkpoint_every == 0:
             cluster.policy.save_checkpoint(str(out_dir / "checkpoints" / f"step_{step:05d}"))

@@ -102,8 +102,9 @@ class GRPO:
 
     # ---- one RL step ----------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, Any]:
-        """One RL step. Timed parts: generation_s, training_s (with the policy's onload), refit_ms,
-        sleep_wake_s, offload_s; step_s is the whole, and refit_share = (refit + sleep/wake) / step."""
+        """One RL step. Timed parts: generation_s, training_s (with the policy's onload), refit_ms, sleep_s,
+        wake_weights_s, wake_kv_s (sleep_wake_s: their sum), offload_s; step_s is the whole, and
+        refit_share = (refit + sleep/wake) / step."""
         m: dict[str, Any] = {}
         step_start = time.perf_counter()
         problems = self._sample_problems(self.P)
@@ -124,11 +125,10 @@ class GRPO:
         m["accuracy"] = (rewards_PG.amax(dim=1) > 0).float().mean().item()  # pass@G over the batch
         m["weight_version"] = min(r.weight_version for r in rollouts)
 
-        sleep_s = 0.0
         if self.sleep:
             t = time.perf_counter()
             self.generation.sleep(level=self.sleep_level)
-            sleep_s += time.perf_counter() - t
+            m["sleep_s"] = time.perf_counter() - t
         t = time.perf_counter()
         if self.offload:
             self.policy.onload()
@@ -145,7 +145,7 @@ class GRPO:
         if self.sleep:
             t = time.perf_counter()
             self.generation.wake_up(tags=["weights"])  # weights first: the KV cache comes back after the refit
-            sleep_s += time.perf_counter() - t
+            m["wake_weights_s"] = time.perf_counter() - t
         m.update(self.refit())
         if self.offload:
             t = time.perf_counter()
@@ -154,7 +154,8 @@ class GRPO:
         if self.sleep:
             t = time.perf_counter()
             self.generation.wake_up(tags=["kv_cache"])
-            sleep_s += time.perf_counter() - t
+            m["wake_kv_s"] = time.perf_counter() - t
+        sleep_s = sum(m.get(k, 0.0) for k in ("sleep_s", "wake_weights_s", "wake_kv_s"))
         m["sleep_wake_s"] = sleep_s
         m["step_s"] = time.perf_counter() - step_start
         m["refit_share"] = (m["refit_ms"] / 1e3 + sleep_s) / m["step_s"]

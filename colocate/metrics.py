@@ -69,3 +69,37 @@ def plot_rewards(metrics_path: str | Path, png_path: str | Path, title: str = ""
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+STEP_PARTS = (("generation_s", "generation"), ("training_s", "training"), ("refit_ms", "refit"),
+              ("sleep_wake_s", "sleep/wake"), ("offload_s", "policy offload"))
+
+
+def plot_step_time(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
+    """Where each GRPO step's wall time went: stacked bars, with the refit + sleep/wake share written on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if "step_s" in r]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(rows)
+    for key, label in STEP_PARTS:
+        seconds = [r.get(key, 0.0) / (1e3 if key.endswith("_ms") else 1) for r in rows]
+        if any(seconds):
+            ax.bar(steps, seconds, bottom=bottom, label=label)
+            bottom = [b + s for b, s in zip(bottom, seconds, strict=True)]
+    for step, r in zip(steps, rows, strict=True):
+        ax.annotate(f"{r['refit_share'] * 100:.1f} %", (step, r["step_s"]), ha="center", va="bottom", fontsize=8)
+    ax.set_xlabel("GRPO step (label: refit + sleep/wake share of the step)")
+    ax.set_ylabel("seconds")
+    ax.set_xticks(steps)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from colocate.algorithms.grpo import GRPO
 from colocate.cluster import Cluster
 from colocate.config import Config
-from colocate.metrics import MetricsLogger, plot_rewards
+from colocate.metrics import MetricsLogger, plot_rewards, plot_step_time
 from colocate.tasks.arithmetic import load_jsonl, split_problems
 
 log = logging.getLogger(__name__)
@@ -78,4 +78,6 @@ def train(cfg: Config, cluster: Cluster, out_dir: Path) -> dict[str, Any]:
         plot_rewards(metrics.path, out_dir / "reward_curve.png",
                      title=f"GRPO on {Path(cluster.model_path).name}: held-out accuracy "
                            f"{summary['val_accuracy_start']:.2f} -> {summary['val_accuracy_end']:.2f}")
+        plot_step_time(metrics.path, out_dir / "step_time.png",
+                       title=f"GRPO step time on {Path(cluster.model_path).name} ({cfg.placement.device})")
     return summary

@@ -58,6 +58,7 @@ def test_wrong_type_is_an_error_naming_the_key():
     (["placement=split", "placement.device=cuda"], 1, "needs 2 GPUs"),
     (["placement.mode=sideways"], 0, "placement.mode"),
     (["placement=split", "refit.transport=zmq"], 0, "needs placement 'colocated'"),
+    (["generation.sleep_level=3"], 0, "generation.sleep_level"),
 ])
 def test_impossible_placement_fails_before_any_actor(overrides, gpus, match):
     cfg = _compose(["+recipe=grpo", *overrides])

@@ -44,15 +44,18 @@ def test_entry_point_runs_every_stage(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:  # every stage ran and reported
         for key in ("reward_mean", "reward_std", "loss", "grad_norm", "generation_s", "training_s", "refit_ms",
-                    "tokens_per_s", "sleep_wake_s", "weight_version"):
+                    "tokens_per_s", "sleep_wake_s", "weight_version", "step_s", "refit_share"):
             assert key in r, key
         assert r["refit_ms"] > 0
+        assert r["generation_s"] + r["training_s"] + r["refit_ms"] / 1e3 <= r["step_s"]
+        assert r["refit_share"] == pytest.approx((r["refit_ms"] / 1e3 + r["sleep_wake_s"]) / r["step_s"])
     assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 2, 3]
     assert any("sft_nll" in r for r in rows)
     # one refit after the warm-up, one per step: the engines' weight version advanced each time
     assert [r["weight_version"] for r in steps] == [2, 3, 4]
     assert summary["weight_version"] == 4
     assert (tmp_path / "reward_curve.png").stat().st_size > 0
+    assert (tmp_path / "step_time.png").stat().st_size > 0
     assert (tmp_path / "config.yaml").exists()
     assert any((tmp_path / "tensorboard").iterdir())
     assert (tmp_path / "checkpoints" / "step_00003").is_dir()

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from colocate.generation.errors import (
     GenerationWorkerDiedError,
+    GenerationWorkerError,
     PromptTooLongError,
     SamplingOptionError,
     WeightsIncompleteError,
@@ -168,9 +169,11 @@ def test_sleep_and_wake_up_are_no_ops_on_cpu(group, models, prompt_ids):
     group.sleep(level=1)
     group.wake_up(["weights"])
     group.wake_up(["kv_cache"])
-    group.sleep(level=2)
+    group.sleep(level=2)  # no-op on CPU: the weights stay, so generating needs no refit first
     group.wake_up()
     assert greedy(group) == hf.greedy(models[0], prompt_ids, MAX_TOKENS)
+    with pytest.raises(GenerationWorkerError, match="sleep level must be 1 or 2"):
+        group.sleep(level=3)
 
 
 def test_killed_worker_is_named(group):

@@ -6,9 +6,12 @@ Shape legend: P = prompt tokens, R = response tokens.
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from colocate.models.tiny import build_tiny_model
 
 
 @cache
@@ -34,3 +37,18 @@ def token_logprobs(path: str, prompt_ids_P: list[int], response_ids_R: list[int]
     ids = torch.tensor([prompt_ids_P + response_ids_R])
     logits = load(path)(ids).logits[0, len(prompt_ids_P) - 1 : -1].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(response_ids_R)[:, None])[:, 0]
+
+
+def two_models(root: Path) -> dict[int, str]:
+    """Tiny models from seeds 0 and 1 under `root`: an engine's "before" and "after" a refit."""
+    return {seed: str(build_tiny_model(root / f"seed{seed}", seed=seed)) for seed in (0, 1)}
+
+
+def greedy_of_each(models: dict[int, str], prompts: list[str], max_tokens: int
+                   ) -> tuple[list[list[int]], dict[int, list[list[int]]]]:
+    """The prompts' token ids and each model's greedy responses, which must differ between the models."""
+    tok = AutoTokenizer.from_pretrained(models[0])
+    prompt_ids = [tok(p)["input_ids"] for p in prompts]
+    out = {seed: greedy(path, prompt_ids, max_tokens) for seed, path in models.items()}
+    assert out[0] != out[1], "the two models decode alike: a refit between them would prove nothing"
+    return prompt_ids, out

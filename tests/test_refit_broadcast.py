@@ -11,9 +11,7 @@ import time
 import pytest
 import ray
 import torch
-from transformers import AutoTokenizer
 
-from colocate.models.tiny import build_tiny_model
 from colocate.refit.broadcast import (
     MAGIC,
     BroadcastSender,
@@ -227,17 +225,12 @@ class TestTransport:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refit-bcast")
-    return {seed: str(build_tiny_model(root / f"seed{seed}", seed=seed)) for seed in (0, 1)}
+    return hf_reference.two_models(tmp_path_factory.mktemp("refit-bcast"))
 
 
 @pytest.fixture(scope="module")
 def hf(models):
-    tok = AutoTokenizer.from_pretrained(models[0])
-    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
-    out = {seed: hf_reference.greedy(path, prompt_ids, MAX_TOKENS) for seed, path in models.items()}
-    assert out[0] != out[1]
-    return prompt_ids, out
+    return hf_reference.greedy_of_each(models, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

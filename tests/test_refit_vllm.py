@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import ray
-from transformers import AutoTokenizer
 
-from colocate.models.tiny import build_tiny_model
 from colocate.refit.errors import RefitError
 from colocate.refit.futures import await_refit
 from colocate.refit.jobdir import new_job_dir, new_token
@@ -24,17 +22,12 @@ TIMEOUT = 20.0
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refit-vllm")
-    return {seed: str(build_tiny_model(root / f"seed{seed}", seed=seed)) for seed in (0, 1)}
+    return hf_reference.two_models(tmp_path_factory.mktemp("refit-vllm"))
 
 
 @pytest.fixture(scope="module")
 def hf(models):
-    tok = AutoTokenizer.from_pretrained(models[0])
-    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
-    out = {seed: hf_reference.greedy(path, prompt_ids, MAX_TOKENS) for seed, path in models.items()}
-    assert out[0] != out[1]
-    return prompt_ids, out
+    return hf_reference.greedy_of_each(models, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

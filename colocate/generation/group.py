@@ -23,7 +23,6 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from colocate.generation.errors import (
     EngineStartError,
@@ -33,6 +32,7 @@ from colocate.generation.errors import (
 )
 from colocate.generation.types import Prompt, Rollout, SamplingConfig
 from colocate.generation.worker import GenerationWorker
+from colocate.placement import bundle_strategies
 
 # Concurrent calls one worker accepts: generation batches, a refit's update task, status queries.
 MAX_CONCURRENCY = 16
@@ -77,10 +77,7 @@ class GenerationGroup:
     ) -> None:
         """`chat`: format text prompts (and message lists) with the tokenizer's chat template.
         `call_timeout_s`: bound on every wait (None: unbounded; generation can take long)."""
-        if placement_group is not None and bundle_indices is None:
-            bundle_indices = list(range(num_workers))
-        if bundle_indices is not None and len(bundle_indices) != num_workers:
-            raise ValueError(f"{len(bundle_indices)} bundle indices for {num_workers} workers")
+        strategies = bundle_strategies(num_workers, placement_group, bundle_indices)
         self.num_workers = num_workers
         self.tensor_parallel_size = int(worker_kwargs.get("tensor_parallel_size", 1))
         self.chat = chat
@@ -88,14 +85,10 @@ class GenerationGroup:
         actor_cls = ray.remote(GenerationWorker)
         self.workers = []
         for index in range(num_workers):
-            strategy = None
-            if placement_group is not None and bundle_indices is not None:
-                strategy = PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group, placement_group_bundle_index=bundle_indices[index])
             self.workers.append(actor_cls.options(
                 num_cpus=num_cpus_per_worker,
                 num_gpus=num_gpus_per_worker,
-                scheduling_strategy=strategy,
+                scheduling_strategy=strategies[index],
                 runtime_env={"env_vars": env_vars} if env_vars else None,
                 max_concurrency=MAX_CONCURRENCY,
             ).remote(index=index, **worker_kwargs))

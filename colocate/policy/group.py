@@ -19,8 +19,9 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from colocate.placement import bundle_strategies
 from colocate.policy.weights import ManifestEntry
 from colocate.policy.worker import PolicyWorker
 
@@ -58,29 +59,19 @@ class PolicyGroup:
         call_timeout_s: float | None = None,
         **worker_kwargs: Any,
     ) -> None:
-        if placement_group is not None and bundle_indices is None:
-            bundle_indices = list(range(num_workers))
-        if bundle_indices is not None and len(bundle_indices) != num_workers:
-            raise ValueError(f"{len(bundle_indices)} bundle indices for {num_workers} workers")
+        strategies = bundle_strategies(num_workers, placement_group, bundle_indices)
         self.num_workers = num_workers
         self.call_timeout_s = call_timeout_s
 
-        def strategy(rank: int) -> Any:
-            if placement_group is None or bundle_indices is None:
-                return None
-            return PlacementGroupSchedulingStrategy(
-                placement_group=placement_group, placement_group_bundle_index=bundle_indices[rank]
-            )
-
         # The rendezvous port must be free on rank 0's node, so look for it there: in rank 0's bundle, or
         # anywhere and then pin rank 0 to the node that answered.
-        probe = ray.remote(num_cpus=0)(_free_endpoint).options(scheduling_strategy=strategy(0))
+        probe = ray.remote(num_cpus=0)(_free_endpoint).options(scheduling_strategy=strategies[0])
         node_id, master_addr, master_port = ray.get(probe.remote())
 
         actor_cls = ray.remote(PolicyWorker)
         self.workers = []
         for rank in range(num_workers):
-            scheduling = strategy(rank)
+            scheduling: Any = strategies[rank]
             if scheduling is None and rank == 0:
                 scheduling = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
             self.workers.append(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from colocate.models.tiny import build_tiny_model
+from tests import hf_reference
 
 
 @pytest.fixture(scope="package")
@@ -21,5 +21,4 @@ def ray_session():
 
 @pytest.fixture(scope="package")
 def models(tmp_path_factory) -> dict[int, str]:
-    root = tmp_path_factory.mktemp("generation-models")
-    return {seed: str(build_tiny_model(root / f"seed{seed}", seed=seed)) for seed in (0, 1)}
+    return hf_reference.two_models(tmp_path_factory.mktemp("generation-models"))

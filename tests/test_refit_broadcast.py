@@ -12,21 +12,20 @@ import pytest
 import ray
 import torch
 
-from colocate.refit.broadcast import (
+from colocate.refit.broadcast import BroadcastSender
+from colocate.refit.broadcast_frames import (
     MAGIC,
-    BroadcastSender,
     Header,
     decode_manifest,
     digest_words,
     encode_manifest,
     frame_bytes,
-    manifest_mismatch,
     trailer_offset,
     words_digest,
 )
 from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError
 from colocate.refit.futures import await_refit
-from colocate.refit.plan import ManifestError, plan, tensor_meta
+from colocate.refit.plan import ManifestError, manifest_mismatch, plan, tensor_meta
 from colocate.refit.vllm_ext import fingerprint
 from colocate.rendezvous import get_rendezvous
 from tests import broadcast_actors, hf_reference
@@ -186,7 +185,7 @@ class TestTransport:
             # the same named error, from the sender, with its traceback; buckets before the bad one loaded,
             # the ABORTed ones not
             assert (kind, name) == ("error", "RefitManifestError") and msg.startswith("sender failed:")
-            assert bad in msg and "broadcast.py" in msg and loads == bucket
+            assert bad in msg and "broadcast_sender.py" in msg and loads == bucket
         stats, replies = trio.refit(sent)  # the group survived
         assert not isinstance(stats, Exception) and all(r[0] == "ok" for r in replies)
         assert_bit_identical(replies[0][1], sent)

@@ -78,7 +78,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def floor_broadcast(group: Any, buckets: list[int], buffers: list[torch.Tensor]) -> None:
     """Broadcast frames of the given sizes from two ready buffers, two in flight; then align all ranks."""
-    from colocate.refit.broadcast import frame_bytes
+    from colocate.refit.broadcast_frames import frame_bytes
 
     in_flight: deque = deque()
     for i, nbytes in enumerate(buckets):
@@ -91,7 +91,7 @@ def floor_broadcast(group: Any, buckets: list[int], buffers: list[torch.Tensor])
 
 
 def _floor_buffers(buckets: list[int], device: str) -> list[torch.Tensor]:
-    from colocate.refit.broadcast import frame_bytes
+    from colocate.refit.broadcast_frames import frame_bytes
 
     return [torch.empty(frame_bytes(max(buckets)), dtype=torch.uint8, device=device) for _ in range(2)]
 

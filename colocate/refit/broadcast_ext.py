@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from colocate.engine import vllm_engine
-from colocate.refit.broadcast import CONNECT_TIMEOUT_S, BroadcastReceiver, Expected, lookup_master
+from colocate.refit.broadcast import CONNECT_TIMEOUT_S, BroadcastReceiver, lookup_master
+from colocate.refit.plan import Expected
 
 
 class BroadcastRefitExtension:

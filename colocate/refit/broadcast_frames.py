@@ -1,6 +1,7 @@
 """The bytes of a split-placement refit on the wire: the header, each bucket's trailer, the manifest blob.
 
-Pure: no process group here; `broadcast.py` moves these bytes and documents the protocol.
+Pure: no process group here; `broadcast.py` documents the protocol, `broadcast_sender.py` and
+`broadcast_receiver.py` move these bytes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import msgspec
 import torch
 
 from colocate.refit.errors import RefitError
-from colocate.refit.plan import Entry, Manifest, ManifestError, dtype_from_name
+from colocate.refit.plan import Bucket, Entry, Manifest, ManifestError, dtype_from_name
 
 MAGIC = 0x636F6C6F63617465  # "colocate"
 OK, ABORT = 0, 1
@@ -79,3 +80,12 @@ def decode_manifest(blob: bytes) -> Manifest:
 def bucket_views(buf: torch.Tensor, entries: Sequence[Entry]) -> list[torch.Tensor]:
     """Typed views of each entry's bytes in a bucket buffer (flat uint8)."""
     return [buf[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape) for e in entries]
+
+def write_trailer(buf: torch.Tensor, b: Bucket, words: list[int]) -> None:
+    off = trailer_offset(b.nbytes)
+    buf[off:off + TRAILER_BYTES].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
+
+
+def read_trailer(buf: torch.Tensor, b: Bucket) -> list[int]:
+    off = trailer_offset(b.nbytes)
+    return buf[off:off + TRAILER_BYTES].view(torch.int64).tolist()

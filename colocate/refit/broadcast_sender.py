@@ -1,0 +1,195 @@
+"""The sending side of a split-placement refit (policy rank 0); the protocol is in `broadcast.py`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from colocate.refit.broadcast_frames import (
+    ABORT,
+    OK,
+    Header,
+    bucket_views,
+    encode_manifest,
+    frame_bytes,
+    trailer_words,
+    write_trailer,
+)
+from colocate.refit.broadcast_group import CONNECT_TIMEOUT_S, CUMEM_DEFAULT, Group, nccl_env, td
+from colocate.refit.errors import RefitError
+from colocate.refit.plan import Manifest, ManifestError, next_matching, plan
+
+log = logging.getLogger(__name__)
+
+Meta = Sequence[tuple[str, str, tuple[int, ...]]]
+
+
+@dataclass
+class BroadcastSendStats:
+    refit_id: int
+    buckets: int
+    bytes: int
+    seconds: float
+    pack_seconds: float
+    wait_seconds: float
+    manifest_sent: bool
+
+
+class BroadcastSender:
+    """Policy rank 0: owns the TCP store (master) and broadcasts refits to `world_size - 1` receivers.
+
+    The store listens at construction (`address`: publish it, e.g. `publish_master`); the group forms in
+    `connect()` (or the first `stream()`), which waits for every receiver to join."""
+
+    def __init__(self, *, host: str, world_size: int, device: str, buffer_bytes: int, timeout_s: float = 60.0,
+                 overlap: bool = True, port: int = 0, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        if world_size < 2:
+            raise ValueError(f"world_size must count the sender and at least one receiver, got {world_size}")
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.buffer_bytes = buffer_bytes
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.overlap = overlap
+        self._store = dist.TCPStore(host, port, world_size, True, timeout=td(connect_timeout_s),
+                                    wait_for_workers=False)
+        self.address = (host, self._store.port)
+        if self.device.type == "cuda":
+            cumem = os.environ.get("NCCL_CUMEM_ENABLE", CUMEM_DEFAULT)
+            nccl_env(cumem)
+            self._store.set("nccl_cumem", cumem)
+        self._group: Group | None = None
+        self._refit_id = 0
+        self._sent_digest: str | None = None
+        self._buffers: list[torch.Tensor] = []
+        self._views: dict[int, list[torch.Tensor]] = {}
+
+    @property
+    def group(self) -> Group | None:
+        """The formed group (None before `connect`): for collectives of one's own, e.g. a benchmark floor."""
+        return self._group
+
+    def connect(self) -> None:
+        if self._group is None:
+            self._group = Group(store=self._store, rank=0, world_size=self.world_size, device=self.device,
+                                timeout_s=self.timeout_s, connect_timeout_s=self.connect_timeout_s)
+            self._sent_digest = None
+
+    def manifest(self, meta: Meta) -> Manifest:
+        return plan(meta, self.buffer_bytes)
+
+    def stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], meta: Meta) -> BroadcastSendStats:
+        """Broadcast one refit. `meta` lists (name, dtype name, shape) in the order `named_tensors` yields
+        them; tensors may be produced lazily. Returns once every receiver has loaded everything."""
+        self.connect()
+        g = self._group
+        assert g is not None
+        if g.broken:
+            raise RefitError("sender: the group is broken by an earlier failure; close() and open a new one",
+                             side="sender")
+        self._refit_id += 1
+        rid, t0 = self._refit_id, time.perf_counter()
+        own: BaseException | None = None
+        manifest: Manifest | None = None
+        try:
+            manifest = self.manifest(meta)
+        except Exception as e:
+            own = e
+        digest = manifest.digest() if manifest is not None else "0" * 16
+        blob = encode_manifest(manifest) if manifest is not None and digest != self._sent_digest else b""
+        header = Header(rid, ABORT if own else OK, len(manifest.buckets) if manifest else 0, len(blob),
+                        self.overlap, digest)
+        try:
+            g.broadcast_wait(torch.tensor(header.words(), dtype=torch.int64, device=self.device),
+                             f"receivers to take the header of refit {rid}")
+            if blob:
+                data = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(self.device)
+                g.broadcast_wait(data, f"receivers to take the manifest of refit {rid}")
+            self._sent_digest = None  # until the receivers accept it
+            g.settle(rid, own, f"the manifest check of refit {rid}")
+            assert manifest is not None
+            if blob:
+                self._views.clear()
+            self._sent_digest = digest
+            own, pack_s, wait_s = self._send_buckets(g, rid, manifest, iter(named_tensors))
+            g.settle(rid, own, f"the final status of refit {rid}")
+        except BaseException:
+            self._sent_digest = None  # resend the manifest next time: a receiver may have dropped it
+            raise
+        return BroadcastSendStats(rid, len(manifest.buckets), manifest.total_bytes, time.perf_counter() - t0,
+                                  pack_s, wait_s, bool(blob))
+
+    def _ensure_buffers(self, manifest: Manifest) -> None:
+        need = frame_bytes(max((b.nbytes for b in manifest.buckets if not b.oversized), default=0))
+        if not self._buffers or self._buffers[0].numel() < need:
+            self._buffers = [torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            self._views.clear()
+
+    def _send_buckets(self, g: Group, rid: int, manifest: Manifest, it
+                      ) -> tuple[BaseException | None, float, float]:
+        self._ensure_buffers(manifest)
+        in_flight: deque[tuple[dist.Work, int, str, torch.Tensor]] = deque()  # (work, slot, what, buffer)
+        own: BaseException | None = None
+        pack_s = wait_s = 0.0
+        index, regular = 0, 0
+        entries = manifest.entries
+
+        def wait_oldest() -> None:
+            nonlocal wait_s
+            t = time.perf_counter()
+            work, _slot, what, _buf = in_flight.popleft()  # the buffer stays referenced until here
+            g.wait(work, what)
+            wait_s += time.perf_counter() - t
+
+        for b in manifest.buckets:
+            slot = -1 if b.oversized else regular % 2
+            regular += not b.oversized
+            # At most two buckets on the wire, and a buffer is refilled only once its broadcast completed.
+            while in_flight and (not self.overlap or len(in_flight) >= 2
+                                 or any(s == slot for _, s, _, _ in in_flight)):
+                wait_oldest()
+            t = time.perf_counter()
+            buf = (torch.empty(frame_bytes(b.nbytes), dtype=torch.uint8, device=self.device) if b.oversized
+                   else self._buffers[slot][:frame_bytes(b.nbytes)])
+            if own is None:
+                try:
+                    group = [next_matching(it, e, entries, index + k) for k, e in
+                             enumerate(entries[b.first:b.last])]
+                    index += len(group)
+                    views = self._views.get(b.index) if not b.oversized else None
+                    if views is None:
+                        views = bucket_views(buf, entries[b.first:b.last])
+                        if not b.oversized:
+                            self._views[b.index] = views
+                    for v, src in zip(views, group, strict=True):
+                        if v.numel():
+                            v.copy_(src, non_blocking=True)
+                    del group
+                except Exception as e:
+                    own = e  # keep the lockstep: this and every later bucket go out marked ABORT
+            write_trailer(buf, b, trailer_words(rid, b.index, ABORT if own else OK))
+            pack_s += time.perf_counter() - t
+            what = f"receivers to take bucket {b.index}/{len(manifest.buckets)} of refit {rid}"
+            in_flight.append((g.broadcast(buf, what), slot, what, buf))
+        if own is None:
+            leftover = next(it, None)
+            if leftover is not None:
+                own = ManifestError(f"extra tensor {leftover[0]!r} not in the manifest")
+        while in_flight:
+            wait_oldest()
+        return own, pack_s, wait_s
+
+    def close(self) -> None:
+        """Tear the group down and stop the store. Receivers should close too; a new sender can follow."""
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+        self._buffers, self._views = [], {}
+        self._store = None  # type: ignore[assignment]  # the master's server stops with its last reference

@@ -45,6 +45,10 @@ class EngineActor:
         out = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         return [list(r.outputs[0].token_ids) for r in out]
 
+    def unloaded_params(self) -> list[str] | None:
+        [names] = self.llm.collective_rpc("colocate_unloaded_params")
+        return names
+
     def fingerprints(self) -> tuple[dict[str, str], dict[str, str]]:
         [received] = self.llm.collective_rpc("colocate_received_fingerprints")
         [params] = self.llm.collective_rpc("colocate_param_fingerprints")
@@ -58,8 +62,8 @@ class SenderActor:
         self.sender = RefitSender(address=address, token=token, job_dir=job_dir, device="cpu",
                                   buffer_bytes=buffer_bytes, timeout_s=timeout_s)
 
-    def stream(self, checkpoint: str, corrupt: str | None = None) -> dict:
-        tensors = list(load_file(os.path.join(checkpoint, "model.safetensors")).items())
+    def stream(self, checkpoint: str, corrupt: str | None = None, drop: str | None = None) -> dict:
+        tensors = [(n, t) for n, t in load_file(os.path.join(checkpoint, "model.safetensors")).items() if n != drop]
         meta = tensor_meta(tensors)
         if corrupt is not None:  # the manifest promises one shape, the tensor has another
             tensors = [(n, t.reshape(-1) if n == corrupt else t) for n, t in tensors]

@@ -44,8 +44,8 @@ def pair(models):
     ray.shutdown()
 
 
-def refit(engine, sender, checkpoint, corrupt=None):
-    return await_refit({"sender": [sender.stream.remote(checkpoint, corrupt)],
+def refit(engine, sender, checkpoint, corrupt=None, drop=None):
+    return await_refit({"sender": [sender.stream.remote(checkpoint, corrupt, drop)],
                         "receiver": [engine.receive.remote()]}, timeout_s=4 * TIMEOUT)
 
 
@@ -76,3 +76,14 @@ def test_failed_refit_raises_one_error_and_loses_nothing(pair, models, hf):
     assert "(and then on: receiver)" in msg  # the engine's update task failed too, not hung
     refit(engine, sender, models[1])  # the pair still works
     assert ray.get(engine.greedy.remote(prompt_ids, MAX_TOKENS)) == want[1]
+
+
+def test_the_engine_tells_which_parameters_a_refit_left_unfilled(pair, models, hf):
+    """What lets a generation worker refuse to serve after sleep(level=2) and a partial refit."""
+    engine, sender = pair
+    refit(engine, sender, models[1])
+    assert ray.get(engine.unloaded_params.remote()) == []
+    refit(engine, sender, models[1], drop="model.layers.1.self_attn.k_proj.weight")  # one part of a fused one
+    assert ray.get(engine.unloaded_params.remote()) == ["model.layers.1.self_attn.qkv_proj.weight"]
+    refit(engine, sender, models[0])
+    assert ray.get(engine.unloaded_params.remote()) == []

@@ -34,25 +34,38 @@ def can_load_directly(worker: Any) -> bool:
     )
 
 
-def destinations(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """HF tensor name -> the view of the engine parameter it is copied into."""
+def param_sources(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Engine parameter (vLLM name) -> the HF tensors that fill it: itself, or a fused parameter's parts in
+    `packed_modules_mapping` order (qkv_proj <- q_proj, k_proj, v_proj). Names only, valid on any device."""
     packed: dict[str, list[str]] = dict(getattr(model, "packed_modules_mapping", {}) or {})
-    modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-    for pname, param in model.named_parameters():
+    out = {}
+    for pname, _ in model.named_parameters():
         module_name, _, leaf = pname.rpartition(".")
         fused = next((k for k in packed if module_name.endswith("." + k) or module_name == k), None)
         if fused is None:
+            out[pname] = [pname]
+        else:
+            prefix = module_name[: len(module_name) - len(fused)]
+            out[pname] = [f"{prefix}{part}.{leaf}" for part in packed[fused]]
+    return out
+
+
+def destinations(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """HF tensor name -> the view of the engine parameter it is copied into."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for pname, sources in param_sources(model).items():
+        param = params[pname]
+        if sources == [pname]:
             out[pname] = param.data
             continue
-        sizes = getattr(modules.get(module_name), "output_sizes", None)
-        parts = packed[fused]
-        if sizes is None or len(sizes) != len(parts) or sum(sizes) != param.shape[0]:
+        sizes = getattr(modules.get(pname.rpartition(".")[0]), "output_sizes", None)
+        if sizes is None or len(sizes) != len(sources) or sum(sizes) != param.shape[0]:
             continue  # not a layout we can split with certainty: vLLM's loader handles these names
         offset = 0
-        prefix = module_name[: len(module_name) - len(fused)]
-        for part, size in zip(parts, sizes, strict=True):
-            out[f"{prefix}{part}.{leaf}"] = param.data.narrow(0, offset, size)
+        for name, size in zip(sources, sizes, strict=True):
+            out[name] = param.data.narrow(0, offset, size)
             offset += size
     return out
 

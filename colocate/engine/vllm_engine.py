@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from colocate.engine.direct_load import DirectLoader, can_load_directly
+from colocate.engine.direct_load import SUPPORTED, DirectLoader, can_load_directly, param_sources
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -63,6 +63,7 @@ CPU_KV_CACHE_BYTES = 64 << 20
 _ACTIVE = "_colocate_weight_update_active"
 _LOAD_MODE = "_colocate_load_mode"
 _DIRECT = "_colocate_direct_loader"
+_RECEIVED = "_colocate_received_names"
 
 
 def make_llm(
@@ -174,6 +175,7 @@ def begin_weight_update(worker: Any) -> None:
 
         with _loading_context(worker):
             initialize_layerwise_reload(_model(worker))
+    setattr(worker, _RECEIVED, set())
     setattr(worker, _ACTIVE, True)
 
 
@@ -184,6 +186,7 @@ def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]
     """
     if not weight_update_active(worker):
         raise RuntimeError("load_weights_into_worker called outside begin/finish_weight_update")
+    getattr(worker, _RECEIVED).update(name for name, _ in weights)
     if _uses_layerwise_reload(worker):
         weights = [(name, tensor.clone()) for name, tensor in weights]
     elif getattr(worker, _LOAD_MODE, "direct") == "direct" and can_load_directly(worker):
@@ -203,6 +206,16 @@ def set_load_mode(worker: Any, mode: str) -> None:
     if mode not in ("direct", "load_weights"):
         raise ValueError(f"load mode must be 'direct' or 'load_weights', got {mode!r}")
     setattr(worker, _LOAD_MODE, mode)
+
+
+def unloaded_params(worker: Any) -> list[str] | None:
+    """Engine parameters (vLLM names) that the last weight update did not fill completely; None where this
+    cannot be told (an architecture whose checkpoint names are not the engine's, packing aside)."""
+    archs = set(getattr(worker.model_config.hf_config, "architectures", None) or [])
+    if not archs or not archs <= SUPPORTED:
+        return None
+    received = getattr(worker, _RECEIVED, set())
+    return [p for p, sources in param_sources(_model(worker)).items() if not all(s in received for s in sources)]
 
 
 def weight_update_active(worker: Any) -> bool:

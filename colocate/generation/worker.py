@@ -173,7 +173,7 @@ class GenerationWorker:
         """
         self._check_weights_awake()
         stats = self._backend.update_weights("colocate_refit_receive", timeout_s)[0]
-        self._weights_dropped = False
+        self._refilled()
         return stats
 
     def close_refit(self) -> None:
@@ -215,12 +215,24 @@ class GenerationWorker:
             self._backend.call_workers("colocate_bcast_open", **self._bcast_args, master=master)
             self._bcast_master = master
         stats = self._backend.update_weights("colocate_bcast_receive")[0]
-        self._weights_dropped = False
+        self._refilled()
         return stats
 
     def close_broadcast(self) -> None:
         self._backend.call_workers("colocate_bcast_close")
         self._bcast_args = self._bcast_master = self._bcast_rendezvous = None
+
+    def _refilled(self) -> None:
+        """After a completed refit: weights dropped by sleep(level=2) are back only if it filled every one."""
+        if not self._weights_dropped:
+            return
+        missing = sorted({p for rank in self._backend.call_workers("colocate_unloaded_params") for p in rank or ()})
+        if missing:
+            raise WeightsIncompleteError(
+                f"worker {self.index}: sleep(level=2) dropped the weights and the refit refilled only part of "
+                f"them ({len(missing)} parameters missing, e.g. {missing[:3]}); refit with every weight",
+                worker_index=self.index)
+        self._weights_dropped = False
 
     def _check_weights_awake(self) -> None:
         # Asleep, the weights' device memory is unmapped: loading into it would crash the engine.

@@ -97,6 +97,11 @@ class ColocateRefitExtension(BroadcastRefitExtension):
             return "cuda:" + str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
         return "cpu:0"
 
+    def colocate_unloaded_params(self) -> list[str] | None:
+        """Engine parameters the last refit (either transport) left without all their tensors; None: unknown
+        for this architecture. After sleep(level=2) every parameter must be refilled."""
+        return vllm_engine.unloaded_params(self)
+
     def colocate_received_fingerprints(self) -> dict[str, str]:
         """What the last refit handed to the engine, per tensor (with `record=True`)."""
         return dict(self._colocate_seen)

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +24,10 @@ from colocate.refit.broadcast_frames import (
 )
 from colocate.refit.broadcast_group import CONNECT_TIMEOUT_S, CUMEM_DEFAULT, Group, nccl_env, td
 from colocate.refit.errors import RefitError
-from colocate.refit.plan import Manifest, ManifestError, next_matching, plan
+from colocate.refit.plan import Manifest, ManifestError, Meta, next_matching, plan
 
 log = logging.getLogger(__name__)
 
-Meta = Sequence[tuple[str, str, tuple[int, ...]]]
 
 
 @dataclass

@@ -100,6 +100,10 @@ class Manifest(msgspec.Struct, frozen=True):
         return {e.name: i for i, e in enumerate(self.entries)}
 
 
+# (name, dtype name, shape) of each tensor a refit will carry, in order: what a manifest is planned from.
+Meta = Sequence[tuple[str, str, tuple[int, ...]]]
+
+
 def tensor_meta(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype name, shape) of each tensor, without touching its data."""
     return [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named]

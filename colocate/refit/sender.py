@@ -15,7 +15,7 @@ import contextlib
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +25,7 @@ from colocate.refit import wire
 from colocate.refit.buffers import SendBuffer
 from colocate.refit.checksum import checksum
 from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError, remote_error
-from colocate.refit.plan import Entry, Manifest, ManifestError, dtype_from_name, next_matching, plan
-
-Meta = Sequence[tuple[str, str, tuple[int, ...]]]
+from colocate.refit.plan import Entry, Manifest, ManifestError, Meta, dtype_from_name, next_matching, plan
 
 
 @dataclass

@@ -25,20 +25,16 @@ from colocate.refit.broadcast_frames import (
 from colocate.refit.broadcast_group import CONNECT_TIMEOUT_S, CUMEM_DEFAULT, Group, nccl_env, td
 from colocate.refit.errors import RefitError
 from colocate.refit.plan import Manifest, ManifestError, Meta, next_matching, plan
+from colocate.refit.sender import StreamStats, timed
 
 log = logging.getLogger(__name__)
 
 
 
 @dataclass
-class BroadcastSendStats:
-    refit_id: int
-    buckets: int
-    bytes: int
-    seconds: float
-    pack_seconds: float
-    wait_seconds: float
-    manifest_sent: bool
+class BroadcastSendStats(StreamStats):
+    manifest_sent: bool = False
+    """Whether this refit carried the manifest (the first one of a layout)."""
 
 
 class BroadcastSender:
@@ -117,13 +113,15 @@ class BroadcastSender:
             if blob:
                 self._views.clear()
             self._sent_digest = digest
-            own, pack_s, wait_s = self._send_buckets(g, rid, manifest, iter(named_tensors))
+            gather = [0.0]
+            own, pack_s, wait_s = self._send_buckets(g, rid, manifest, timed(iter(named_tensors), gather))
             g.settle(rid, own, f"the final status of refit {rid}")
         except BaseException:
             self._sent_digest = None  # resend the manifest next time: a receiver may have dropped it
             raise
-        return BroadcastSendStats(rid, len(manifest.buckets), manifest.total_bytes, time.perf_counter() - t0,
-                                  pack_s, wait_s, bool(blob))
+        return BroadcastSendStats(refit_id=rid, buckets=len(manifest.buckets), bytes=manifest.total_bytes,
+                                  seconds=time.perf_counter() - t0, pack_seconds=pack_s, wait_seconds=wait_s,
+                                  gather_seconds=gather[0], manifest_sent=bool(blob))
 
     def _ensure_buffers(self, manifest: Manifest) -> None:
         need = frame_bytes(max((b.nbytes for b in manifest.buckets if not b.oversized), default=0))

@@ -188,7 +188,7 @@ class RefitSender:
                 raise RefitError(f"sender: receiver's checksums for message {seq} differ from the sent ones")
 
         gather = [0.0]
-        it = _timed(iter(named_tensors), gather)
+        it = timed(iter(named_tensors), gather)
         regular = 0  # the two buffers alternate over the buckets that use them
         for bucket in manifest.buckets:
             own = bucket.oversized or self.per_tensor
@@ -257,7 +257,7 @@ class RefitSender:
         self._ctx.term()
 
 
-def _timed(it, total: list[float]):
+def timed(it, total: list[float]):
     """Yield from `it`, adding the time spent producing each item to total[0]."""
     while True:
         t = time.perf_counter()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -262,26 +264,53 @@ def test_200_refits_leave_nothing_behind(job):
     peer = Peer(job_dir, token, refits=200, record=False)
     s = RefitSender(address=peer.address, token=token, job_dir=job_dir, device="cpu", buffer_bytes=4096,
                     timeout_s=TIMEOUT)
-    sender_fds, receiver_fds = [], []
-    for i in range(200):
-        s.stream(iter(sent), tensor_meta(sent))
-        kind, _, _, rfds, _, cached = peer.result()
-        assert kind == "ok" and cached == 2  # the two ping-pong buffers, opened once and kept
-        if i in (9, 199):
-            sender_fds.append(fd_count())
-            receiver_fds.append(rfds)
-            # during the job: the receiver's socket and the two ping-pong segments, nothing per refit
-            assert len(os.listdir(job_dir)) == 3
-    # A per-refit leak would add ~190 descriptors; ZMQ's own I/O thread may hold one more or less at a time.
-    assert abs(sender_fds[1] - sender_fds[0]) <= 2 and abs(receiver_fds[1] - receiver_fds[0]) <= 2
-    s.close()
+    try:
+        sender_fds, receiver_fds = [], []
+        for i in range(200):
+            s.stream(iter(sent), tensor_meta(sent))
+            kind, _, _, rfds, _, cached = peer.result()
+            assert kind == "ok" and cached == 2  # the two ping-pong buffers, opened once and kept
+            if i in (9, 199):
+                sender_fds.append(fd_count())
+                receiver_fds.append(rfds)
+                # during the job: the receiver's socket and the two ping-pong segments, nothing per refit
+                assert len(os.listdir(job_dir)) == 3, os.listdir(job_dir)
+        # A per-refit leak would add ~190 descriptors; ZMQ's own I/O thread may hold one more or less at a
+        # time.
+        assert abs(sender_fds[1] - sender_fds[0]) <= 2, sender_fds
+        assert abs(receiver_fds[1] - receiver_fds[0]) <= 2, receiver_fds
+    finally:  # a failure above must not leave a live socket behind for the rest of the session
+        s.close()
     kind, _, left = peer.result()
-    # The receiver lists the directory as it closes, racing the sender's close: the sender's segments are
-    # the sender's to remove (checked below, once both are closed); the receiver's own socket must be gone.
-    assert kind == "closed" and [f for f in left if not f.startswith("seg-")] == []
     peer.stop()
     peer.conn.close()
     peer.proc.close()
+    # The receiver lists the directory as it closes, racing the sender's close: the sender's segments are
+    # the sender's to remove (checked just below, once both are closed); the receiver's socket must be gone.
+    assert kind == "closed" and [f for f in left if not f.startswith("seg-")] == [], left
     assert os.listdir(job_dir) == []
-    assert fd_count() <= fds_before + 1  # + multiprocessing's resource tracker, started by the first spawn
-    assert set(os.listdir("/dev/shm")) - shm_before == set()
+    # + multiprocessing's resource tracker, started by the first spawn
+    assert fd_count() <= fds_before + 1, (fds_before, fd_count())
+    # No shared memory outside the job's directory (other tests' job directories may come and go).
+    new_shm = set(os.listdir("/dev/shm")) - shm_before
+    assert {n for n in new_shm if not n.startswith("colocate-")} == set(), new_shm
+
+
+def test_a_sender_and_receiver_never_closed_do_not_hang_garbage_collection(job):
+    """Objects dropped without close() (a failed test, a crashed caller) must not block the process: run in a
+    child so that a regression shows as a timeout here rather than a hung test session."""
+    job_dir, token = job
+    code = f"""
+import gc
+from colocate.refit.receiver import RefitReceiver
+from colocate.refit.sender import RefitSender
+r = RefitReceiver(job_dir={job_dir!r}, token={token!r}, load_fn=lambda w: None, timeout_s=1)
+s = RefitSender(address=r.address, token={token!r}, job_dir={job_dir!r}, device="cpu", buffer_bytes=4096,
+                timeout_s=1)
+r.cycle, s.cycle = r, s  # collected only by the cycle collector, as in a frame kept by a traceback
+del r, s
+gc.collect()
+print("collected")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "collected" in out.stdout, out.stderr[-2000:]

@@ -81,8 +81,10 @@ class RefitReceiver:
         self._manifests: dict[str, Manifest] = {}
         self._last_refit_id: dict[bytes, int] = {}  # per sender connection
         self._peer: bytes | None = None
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
+        # The process-wide context, not one of our own: a private context dropped with a socket still open
+        # (an object never closed, collected as part of a reference cycle) blocks the garbage collector
+        # forever in its finalizer (measured: gc.collect() hangs), so nothing is ever terminated here.
+        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._path = os.path.join(job_dir, random_name("recv") + ".sock")
         self._sock.bind(f"ipc://{self._path}")
@@ -227,7 +229,6 @@ class RefitReceiver:
     def close(self) -> None:
         self.cache.drop()
         self._sock.close(0)
-        self._ctx.term()
         if os.path.exists(self._path):
             os.unlink(self._path)
 

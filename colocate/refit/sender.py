@@ -75,8 +75,10 @@ class RefitSender:
         # Typed views into the ping-pong buffers per bucket, made once: building ~300 views costs more
         # Python time per refit than the copies themselves on a small model.
         self._views: dict[int, list[torch.Tensor]] = {}
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        # The process-wide context, not one of our own: a private context dropped with a socket still open
+        # (an object never closed, collected as part of a reference cycle) blocks the garbage collector
+        # forever in its finalizer (measured: gc.collect() hangs), so nothing is ever terminated here.
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         self._sock.connect(address)
@@ -254,7 +256,6 @@ class RefitSender:
         """Free the buffers and tell the receiver to drop them (best effort: it may be gone)."""
         self._release_all(tell_receiver=True)
         self._sock.close(linger=200)  # long enough to hand the Release over, bounded if the peer is gone
-        self._ctx.term()
 
 
 def timed(it, total: list[float]):

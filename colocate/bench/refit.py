@@ -152,12 +152,18 @@ def _floor(method: str, tensors, meta_full, buffer_bytes: int, repeats: int, dev
     return {"cold_s": cold, "times_s": times, "correct": correct}
 
 
-def trainer_main(conn, args: dict[str, Any]) -> None:
-    """Runs in its own process: holds the tensors, drives every method, reports timings."""
+def report_fatal(conn, body, *args: Any) -> None:
+    """Run a benchmark child's `body(conn, *args)`; whatever it raises reaches the parent as ("fatal",
+    traceback) instead of a silent exit the parent would wait on."""
     try:
-        _trainer(conn, args)
+        body(conn, *args)
     except BaseException as e:
         conn.send(("fatal", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def trainer_main(conn, args: dict[str, Any]) -> None:
+    """Runs in its own process: holds the tensors, drives every method, reports timings."""
+    report_fatal(conn, _trainer, args)
 
 
 def _trainer(conn, a: dict[str, Any]) -> None:
@@ -442,23 +448,26 @@ def plot_buffer_sweep(report: dict[str, Any], path: str) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = _parse(argv)
-    if args.replot:
-        report = json.loads(Path(args.replot).read_text())
-        print_table(report)
-        plot(report, args.plot or str(Path(args.replot).with_suffix(".png")))
-        plot_buffer_sweep(report, str(Path(args.replot).with_suffix("")) + "_buffers.png")
-        return report
-    report = run(args)
+def write_outputs(args: argparse.Namespace, report: dict[str, Any], extra_plot=None) -> None:
+    """Print the table; with --json, write the report and the plot(s) beside it (--replot: only the plots,
+    beside the JSON read); --plot names the main PNG. `extra_plot(report, path_stem)` adds a plot."""
     print_table(report)
-    if args.json_path:
+    base = args.replot or args.json_path
+    if args.json_path and not args.replot:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report, indent=1))
-        plot(report, args.plot or str(Path(args.json_path).with_suffix(".png")))
-        plot_buffer_sweep(report, str(Path(args.json_path).with_suffix("")) + "_buffers.png")
+    if base:
+        plot(report, args.plot or str(Path(base).with_suffix(".png")))
+        if extra_plot is not None:
+            extra_plot(report, str(Path(base).with_suffix("")))
     elif args.plot:
         plot(report, args.plot)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    report = json.loads(Path(args.replot).read_text()) if args.replot else run(args)
+    write_outputs(args, report, extra_plot=lambda r, stem: plot_buffer_sweep(r, stem + "_buffers.png"))
     return report
 
 

@@ -47,8 +47,8 @@ from colocate.bench.refit import (
     _make_tensors,
     _sync,
     engine_params_match,
-    plot,
-    print_table,
+    report_fatal,
+    write_outputs,
 )
 from colocate.bench.refit import _report as refit_report
 
@@ -128,10 +128,7 @@ def _env(**values: str | None):
 # ---- the sender process -----------------------------------------------------------------------------------
 
 def sender_main(conn, a: dict[str, Any]) -> None:
-    try:
-        _sender(conn, a)
-    except BaseException as e:
-        conn.send(("fatal", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    report_fatal(conn, _sender, a)
 
 
 def _sender(conn, a: dict[str, Any]) -> None:
@@ -203,10 +200,7 @@ def _native_send(native: Any, tensors: list[tuple[str, torch.Tensor]], buffer_by
 # ---- a receiver process -----------------------------------------------------------------------------------
 
 def receiver_main(conn, a: dict[str, Any], rank: int) -> None:
-    try:
-        _receiver(conn, a, rank)
-    except BaseException as e:
-        conn.send(("fatal", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    report_fatal(conn, _receiver, a, rank)
 
 
 def _receiver(conn, a: dict[str, Any], rank: int) -> None:
@@ -420,19 +414,8 @@ def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows) -> dict[str
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    if args.replot:
-        report = json.loads(Path(args.replot).read_text())
-        print_table(report)
-        plot(report, args.plot or str(Path(args.replot).with_suffix(".png")))
-        return report
-    report = run(args)
-    print_table(report)
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(report, indent=1))
-        plot(report, args.plot or str(Path(args.json_path).with_suffix(".png")))
-    elif args.plot:
-        plot(report, args.plot)
+    report = json.loads(Path(args.replot).read_text()) if args.replot else run(args)
+    write_outputs(args, report)
     return report
 
 

@@ -22,15 +22,19 @@ import torch
 SUPPORTED = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
 
 
-def can_load_directly(worker: Any) -> bool:
-    model_config = worker.model_config
+def checkpoint_names_known(model_config: Any) -> bool:
+    """Whether the engine's parameter names are the checkpoint's, packing aside (see `param_sources`)."""
     archs = set(getattr(model_config.hf_config, "architectures", None) or [])
+    return bool(archs) and archs <= SUPPORTED
+
+
+def can_load_directly(worker: Any) -> bool:
     return (
         torch.cuda.is_available()
         and worker.parallel_config.tensor_parallel_size == 1
         and worker.parallel_config.pipeline_parallel_size == 1
-        and model_config.quantization is None
-        and bool(archs) and archs <= SUPPORTED
+        and worker.model_config.quantization is None
+        and checkpoint_names_known(worker.model_config)
     )
 
 

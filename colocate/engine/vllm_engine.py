@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from colocate.engine.direct_load import SUPPORTED, DirectLoader, can_load_directly, param_sources
+from colocate.engine.direct_load import DirectLoader, can_load_directly, checkpoint_names_known, param_sources
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -211,8 +211,7 @@ def set_load_mode(worker: Any, mode: str) -> None:
 def unloaded_params(worker: Any) -> list[str] | None:
     """Engine parameters (vLLM names) that the last weight update did not fill completely; None where this
     cannot be told (an architecture whose checkpoint names are not the engine's, packing aside)."""
-    archs = set(getattr(worker.model_config.hf_config, "architectures", None) or [])
-    if not archs or not archs <= SUPPORTED:
+    if not checkpoint_names_known(worker.model_config):
         return None
     received = getattr(worker, _RECEIVED, set())
     return [p for p, sources in param_sources(_model(worker)).items() if not all(s in received for s in sources)]
@@ -221,6 +220,18 @@ def unloaded_params(worker: Any) -> list[str] | None:
 def weight_update_active(worker: Any) -> bool:
     """Whether this worker is between begin_weight_update and finish_weight_update."""
     return getattr(worker, _ACTIVE, False)
+
+
+@contextmanager
+def finished_on_failure(worker: Any) -> Iterator[None]:
+    """Around a refit's receive: if it fails, end the update it began, so the engine stays servable (on CPU,
+    layers restored to checkpoint format must be repacked) and ready for the next refit."""
+    try:
+        yield
+    except BaseException:
+        if weight_update_active(worker):
+            finish_weight_update(worker)
+        raise
 
 
 def finish_weight_update(worker: Any) -> None:

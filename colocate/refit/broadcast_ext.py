@@ -87,14 +87,8 @@ class BroadcastRefitExtension:
     def colocate_bcast_receive(self) -> dict[str, Any]:
         """Take part in one refit (the engine's update task). Raises the protocol's named errors."""
         self._colocate_bcast_seen = {}
-        try:
+        with vllm_engine.finished_on_failure(self):  # the caller keeps its weight version on a failure
             return asdict(self._colocate_bcast_join().receive())
-        except BaseException:
-            # Leave the engine servable (on CPU, layers restored to checkpoint format must be repacked);
-            # the caller knows this refit failed and keeps its weight version.
-            if vllm_engine.weight_update_active(self):
-                vllm_engine.finish_weight_update(self)
-            raise
 
     def colocate_bcast_set_record(self, record: bool) -> None:
         """Fingerprint every tensor handed to the engine in the next refits (costs time: not for timing)."""

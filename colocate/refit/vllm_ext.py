@@ -64,14 +64,8 @@ class ColocateRefitExtension(BroadcastRefitExtension):
         if self._colocate_receiver is None:
             raise RuntimeError("colocate_refit_open was not called on this worker")
         self._colocate_seen = {}
-        try:
+        with vllm_engine.finished_on_failure(self):  # the caller keeps its weight version on a failure
             return asdict(self._colocate_receiver.receive(timeout_s))
-        except BaseException:
-            # Leave the engine servable (on CPU, layers restored to checkpoint format must be repacked) and
-            # ready for the next refit; the caller knows this refit failed and keeps its weight version.
-            if vllm_engine.weight_update_active(self):
-                vllm_engine.finish_weight_update(self)
-            raise
 
     def colocate_refit_set_record(self, record: bool) -> None:
         """Fingerprint every tensor handed to the engine in the next refits (costs time: not for timing)."""

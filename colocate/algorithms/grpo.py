@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,14 @@ def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
     mean = rewards_PG.mean(dim=1, keepdim=True)
     std = rewards_PG.std(dim=1, keepdim=True, unbiased=False)
     return (rewards_PG - mean) / (std + eps)
+
+
+@contextmanager
+def timed(metrics: dict[str, Any], key: str) -> Iterator[None]:
+    """metrics[key] = the seconds the block took."""
+    start = time.perf_counter()
+    yield
+    metrics[key] = time.perf_counter() - start
 
 
 class GRPO:
@@ -108,11 +117,10 @@ class GRPO:
         m: dict[str, Any] = {}
         step_start = time.perf_counter()
         problems = self._sample_problems(self.P)
-        t = time.perf_counter()
-        rollouts = self.generation.generate(self._encode(problems), n=self.G, temperature=self.temperature,
-                                            top_p=self.top_p, max_tokens=self.max_new_tokens, stop=None,
-                                            seed=step)
-        m["generation_s"] = time.perf_counter() - t
+        with timed(m, "generation_s"):
+            rollouts = self.generation.generate(self._encode(problems), n=self.G, temperature=self.temperature,
+                                                top_p=self.top_p, max_tokens=self.max_new_tokens, stop=None,
+                                                seed=step)
         responses = [list(r.response_ids) for r in rollouts]
         n_tokens = sum(len(r) for r in responses)
         m["tokens_per_s"] = n_tokens / m["generation_s"]
@@ -126,35 +134,30 @@ class GRPO:
         m["weight_version"] = min(r.weight_version for r in rollouts)
 
         if self.sleep:
-            t = time.perf_counter()
-            self.generation.sleep(level=self.sleep_level)
-            m["sleep_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if self.offload:
-            self.policy.onload()
-        prompts = [list(r.prompt_ids) for r in rollouts]
-        b = pack_sequences(prompts, responses, self.pad)
-        old_BT = self.policy.logprobs(b.input_ids_BT, b.attention_mask_BT)
-        train = self.policy.train_step({
-            "input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
-            "response_mask": b.response_mask_BT, "old_logprobs": old_BT, "advantages": advantages_B,
-        })
-        m["training_s"] = time.perf_counter() - t
+            with timed(m, "sleep_s"):
+                self.generation.sleep(level=self.sleep_level)
+        with timed(m, "training_s"):
+            if self.offload:
+                self.policy.onload()
+            prompts = [list(r.prompt_ids) for r in rollouts]
+            b = pack_sequences(prompts, responses, self.pad)
+            old_BT = self.policy.logprobs(b.input_ids_BT, b.attention_mask_BT)
+            train = self.policy.train_step({
+                "input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
+                "response_mask": b.response_mask_BT, "old_logprobs": old_BT, "advantages": advantages_B,
+            })
         m.update({k: train[k] for k in ("loss", "kl", "clip_frac", "grad_norm", "lr") if k in train})
 
         if self.sleep:
-            t = time.perf_counter()
-            self.generation.wake_up(tags=["weights"])  # weights first: the KV cache comes back after the refit
-            m["wake_weights_s"] = time.perf_counter() - t
+            with timed(m, "wake_weights_s"):  # weights first: the KV cache comes back after the refit
+                self.generation.wake_up(tags=["weights"])
         m.update(self.refit())
         if self.offload:
-            t = time.perf_counter()
-            self.policy.offload(include_params=True)
-            m["offload_s"] = time.perf_counter() - t
+            with timed(m, "offload_s"):
+                self.policy.offload(include_params=True)
         if self.sleep:
-            t = time.perf_counter()
-            self.generation.wake_up(tags=["kv_cache"])
-            m["wake_kv_s"] = time.perf_counter() - t
+            with timed(m, "wake_kv_s"):
+                self.generation.wake_up(tags=["kv_cache"])
         sleep_s = sum(m.get(k, 0.0) for k in ("sleep_s", "wake_weights_s", "wake_kv_s"))
         m["sleep_wake_s"] = sleep_s
         m["step_s"] = time.perf_counter() - step_start

@@ -46,13 +46,15 @@ vLLM 0.24 versus 0.32, in what this module touches:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from colocate.engine.direct_load import DirectLoader, can_load_directly, checkpoint_names_known, param_sources
+from colocate.engine.accepts import OfferCheck
+from colocate.engine.direct_load import DirectLoader, can_load_directly
+from colocate.refit.plan import dtype_name
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -63,7 +65,8 @@ CPU_KV_CACHE_BYTES = 64 << 20
 _ACTIVE = "_colocate_weight_update_active"
 _LOAD_MODE = "_colocate_load_mode"
 _DIRECT = "_colocate_direct_loader"
-_RECEIVED = "_colocate_received_names"
+_RECEIVED = "_colocate_received"  # name -> (dtype name, shape) of what the current/last refit loaded
+_OFFER = "_colocate_offer_check"  # (the offer, its OfferCheck): the last one worked out
 
 
 def make_llm(
@@ -175,7 +178,8 @@ def begin_weight_update(worker: Any) -> None:
 
         with _loading_context(worker):
             initialize_layerwise_reload(_model(worker))
-    setattr(worker, _RECEIVED, set())
+            _rebuild_moe_kernels_on_reload(_model(worker))
+    setattr(worker, _RECEIVED, {})
     setattr(worker, _ACTIVE, True)
 
 
@@ -186,7 +190,7 @@ def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]
     """
     if not weight_update_active(worker):
         raise RuntimeError("load_weights_into_worker called outside begin/finish_weight_update")
-    getattr(worker, _RECEIVED).update(name for name, _ in weights)
+    getattr(worker, _RECEIVED).update((n, (dtype_name(t.dtype), tuple(t.shape))) for n, t in weights)
     if _uses_layerwise_reload(worker):
         weights = [(name, tensor.clone()) for name, tensor in weights]
     elif getattr(worker, _LOAD_MODE, "direct") == "direct" and can_load_directly(worker):
@@ -208,13 +212,33 @@ def set_load_mode(worker: Any, mode: str) -> None:
     setattr(worker, _LOAD_MODE, mode)
 
 
-def unloaded_params(worker: Any) -> list[str] | None:
-    """Engine parameters (vLLM names) that the last weight update did not fill completely; None where this
-    cannot be told (an architecture whose checkpoint names are not the engine's, packing aside)."""
-    if not checkpoint_names_known(worker.model_config):
+def check_offer(worker: Any, offer: Sequence[tuple[str, str, tuple[int, ...]]]) -> OfferCheck:
+    """What this worker's model makes of a refit's (name, dtype, shape) list (`accepts.check_offer`); the
+    last answer is kept, since a sender offers the same list every refit."""
+    from colocate.engine.accepts import check_offer as dry_run
+
+    offer = [(n, d, tuple(s)) for n, d, s in offer]
+    cached = getattr(worker, _OFFER, None)
+    if cached is None or cached[0] != offer:
+        cached = (offer, dry_run(_model(worker), offer, use_reload_metadata=_uses_layerwise_reload(worker)))
+        setattr(worker, _OFFER, cached)
+    return cached[1]
+
+
+def offer_mismatch(worker: Any, offer: Sequence[tuple[str, str, tuple[int, ...]]]) -> str | None:
+    """Why this engine cannot take a refit of these tensors exactly (a receiver's `check_fn`), or None."""
+    check = check_offer(worker, offer)
+    if check.ok:
         return None
-    received = getattr(worker, _RECEIVED, set())
-    return [p for p, sources in param_sources(_model(worker)).items() if not all(s in received for s in sources)]
+    archs = ",".join(getattr(worker.model_config.hf_config, "architectures", None) or ["?"])
+    return f"the {archs} engine cannot take this refit exactly: {check.summary()}"
+
+
+def unloaded_params(worker: Any) -> list[str]:
+    """Engine parameters (vLLM names) that the last weight update did not fill completely."""
+    received = getattr(worker, _RECEIVED, {})
+    offer = [(n, d, s) for n, (d, s) in received.items()]
+    return sorted(check_offer(worker, offer).unfilled(received))
 
 
 def weight_update_active(worker: Any) -> bool:
@@ -249,6 +273,50 @@ def finish_weight_update(worker: Any) -> None:
 
         with _loading_context(worker):
             finalize_layerwise_reload(_model(worker), worker.model_config)
+            _repack_shared_embeddings(_model(worker))
+
+
+def _rebuild_moe_kernels_on_reload(model: torch.nn.Module) -> None:
+    """Make each unquantized MoE layer process reloaded weights as on its first load.
+
+    vLLM's `UnquantizedFusedMoEMethod.process_weights_after_loading` skips the kernel's own step (on CPU:
+    `cpu_prepack_moe_weight` into the grouped-GEMM layout) when its `moe_kernel` already exists, taking
+    a reload for an in-place update of weights already in kernel layout. The layerwise reload hands it
+    weights in checkpoint layout, which then land unpacked in the packed storage (measured: Qwen3-MoE goes
+    from HF's tokens to garbage after a refit of its own checkpoint). Without a kernel the layer prepacks
+    again, and the reload copies the packed result into the storage the engine holds.
+    """
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if type(method).__name__ == "UnquantizedFusedMoEMethod" and getattr(method, "moe_kernel", None):
+            method.moe_kernel = None
+
+
+def _repack_shared_embeddings(model: torch.nn.Module) -> None:
+    """Re-pack every embedding-shaped layer that shares its weight with another layer (a tied `lm_head`).
+
+    On CPU, `process_weights_after_loading` packs an embedding's weight into a GEMM kernel copy
+    (`cpu_linear`). A tied `lm_head` is its own `ParallelLMHead` holding the input embedding's Parameter;
+    checkpoints carry no tensor for it, so the layerwise reload never processes it again and it would keep
+    computing logits from the packed copy of the *old* embedding (measured: wrong tokens, no error, for
+    tied Llama and Qwen2). Its weight was updated in place; packing it again from that weight is exact.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
+
+    holders: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if isinstance(module, VocabParallelEmbedding) and weight is not None:
+            holders.setdefault(id(weight), []).append(module)
+    for modules in holders.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            if isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
+                module.quant_method.process_weights_after_loading(module)
 
 
 def engine_named_parameters(worker: Any) -> dict[str, torch.Tensor]:

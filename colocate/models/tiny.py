@@ -4,7 +4,10 @@
 tokenizer.json and tokenizer_config.json. The tokenizer depends only on the corpus (never on the seed), so
 models built with different seeds share it and one can be refit into an engine serving the other.
 
-    python -m colocate.models.tiny OUT_DIR [--seed N] [--arch qwen2|llama]
+    python -m colocate.models.tiny OUT_DIR [--seed N] [--arch ARCH] [--tie | --no-tie]
+
+`ARCHS` lists the families: the dense ones the framework refits exactly (Llama, Mistral, Qwen2, Qwen3, Gemma,
+Gemma2, Phi-3) and two MoE ones (Qwen3-MoE, Mixtral), each at its own model type's defaults except the sizes.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 # `<|endoftext|>` as EOS, as in GPT-2 and Qwen2: transformers 5 loads any qwen2 checkpoint's tokenizer as
 # Qwen2Tokenizer, which adds `<|endoftext|>` (its default unk) when the vocabulary lacks it, and the tokenizer
@@ -34,6 +37,22 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+# arch -> (HF model type, whether its checkpoints tie embeddings by default, extra config keys). `{head_dim}` and
+# `{intermediate}` are filled in from the sizes asked for. The MoE ones have 4 experts, 2 per token.
+ARCHS: dict[str, tuple[str, bool, dict]] = {
+    "llama": ("llama", False, {}),
+    "mistral": ("mistral", False, {"sliding_window": None, "head_dim": "{head_dim}"}),
+    "qwen2": ("qwen2", False, {}),
+    "qwen3": ("qwen3", False, {"head_dim": "{head_dim}"}),
+    "gemma": ("gemma", True, {"head_dim": "{head_dim}", "hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma2": ("gemma2", True, {"head_dim": "{head_dim}", "query_pre_attn_scalar": "{head_dim}",
+                                "sliding_window": 256, "hidden_activation": "gelu_pytorch_tanh"}),
+    "phi3": ("phi3", False, {}),
+    "qwen3_moe": ("qwen3_moe", False, {"head_dim": "{head_dim}", "num_experts": 4, "num_experts_per_tok": 2,
+                                       "moe_intermediate_size": "{intermediate}", "decoder_sparse_step": 1,
+                                       "norm_topk_prob": True}),
+    "mixtral": ("mixtral", False, {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+}
 _WORD_TEXT = (
     "the of and to in is that it for as with was on be by this are or from at an which have not has but "
     "what all were when we there can more if no out so said who will up one about would them then she "
@@ -120,10 +139,12 @@ def build_tiny_model(
     seed: int = 0,
     dtype: str = "float32",
     corpus: list[str] | None = None,
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: bool | None = None,
     init_std: float = 0.1,
 ) -> Path:
-    """Write a randomly initialised `arch` model with its tokenizer into `out_dir` and return it.
+    """Write a randomly initialised `arch` model (a key of `ARCHS`) with its tokenizer into `out_dir`.
+
+    `tie_word_embeddings=None` takes the family's default (tied for Gemma, untied for the others).
 
     `init_std` is five times the usual 0.02: logits then spread over a few units, so greedy decoding rarely
     meets a near-tie that float rounding could flip between vLLM and HF.
@@ -147,18 +168,18 @@ def build_tiny_model(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
         initializer_range=init_std,
-        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if arch == "qwen2":
-        config, model_cls = Qwen2Config(**common), Qwen2ForCausalLM
-    elif arch == "llama":
-        config, model_cls = LlamaConfig(**common), LlamaForCausalLM
-    else:
-        raise ValueError(f"unknown arch {arch!r}: expected 'qwen2' or 'llama'")
-    model = model_cls(config)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(ARCHS)}")
+    model_type, tied_default, extra = ARCHS[arch]
+    common["tie_word_embeddings"] = tied_default if tie_word_embeddings is None else tie_word_embeddings
+    fill = {"{head_dim}": head_dim, "{intermediate}": intermediate_size}
+    common.update({k: fill.get(v, v) if isinstance(v, str) else v for k, v in extra.items()})
+    config = AutoConfig.for_model(model_type, **common)
+    model = AutoModelForCausalLM.from_config(config)
     _init_weights(model, seed=seed, std=init_std)
     model = model.to(getattr(torch, dtype))
     model.config.dtype = dtype
@@ -190,11 +211,14 @@ def _add_legacy_keys(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--arch", default="qwen2", choices=["qwen2", "llama"])
+    parser.add_argument("--arch", default="qwen2", choices=sorted(ARCHS))
+    parser.add_argument("--tie", action=argparse.BooleanOptionalAction, default=None,
+                        help="tie input and output embeddings (default: the family's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    print(build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, dtype=args.dtype))
+    print(build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, dtype=args.dtype,
+                           tie_word_embeddings=args.tie))
 
 
 if __name__ == "__main__":

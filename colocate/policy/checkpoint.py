@@ -86,7 +86,7 @@ def export_hf(
     state_dict: dict[str, torch.Tensor] = {}
     for name, tensor in iter_full_weights(model, dtype):
         if rank == 0:
-            state_dict[name] = tensor.cpu()
+            state_dict[name] = tensor.to("cpu", copy=True)  # its own storage: MoE parts are views of one tensor
     if rank == 0:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,9 @@ extra memory is one full tensor, never a second copy of the model.
 
 Every rank must drive the generator to the end, in the same order: `full_tensor()` is a collective.
 
-Names are the module's `state_dict()` names. For the dense HF models this framework targets (Qwen2, Llama)
-they are the checkpoint names; models that transformers renames or fuses on load (some MoE experts) would
-need the reverse mapping here.
+Names and layouts are the checkpoint's: `models.checkpoint_format.CheckpointFormat` reverts what transformers
+converted on load (fused MoE experts, renamed modules) tensor by tensor; for dense models that is the
+identity and the names are the module's `state_dict()` names.
 
 A weight shared by two modules (tied input/output embeddings) is yielded once, under its first name
 (`model.embed_tokens.weight`); inference engines re-tie `lm_head` from the config.
@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+
+from colocate.models.checkpoint_format import CheckpointFormat
 
 # (HF name, full shape, dtype) of one streamed weight.
 ManifestEntry = tuple[str, tuple[int, ...], torch.dtype]
@@ -55,7 +57,30 @@ def gather_groups(model: nn.Module, names: list[str]) -> dict[str, tuple[FSDPMod
     return out
 
 
+def checkpoint_format(model: nn.Module) -> CheckpointFormat:
+    """The model's checkpoint layout, worked out once (on meta tensors) and kept on the model."""
+    fmt = getattr(model, "_colocate_checkpoint_format", None)
+    if fmt is None:
+        fmt = CheckpointFormat(model, {n: tuple(t.shape) for n, t in _unique_state(model)})
+        model._colocate_checkpoint_format = fmt
+    return fmt
+
+
 def iter_full_weights(
+    model: nn.Module, dtype: torch.dtype | None = None, *, fsdp_param_dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(checkpoint name, full tensor)` for each unique weight, in checkpoint layout: see
+    `_iter_model_weights` for the gather and `CheckpointFormat` for the layout."""
+    fmt = checkpoint_format(model)
+    weights = _iter_model_weights(model, dtype, fsdp_param_dtype=fsdp_param_dtype)
+    try:
+        for name, tensor in weights:
+            yield from fmt.convert(name, tensor)
+    finally:
+        weights.close()  # reshards at once if the consumer stops early
+
+
+def _iter_model_weights(
     model: nn.Module, dtype: torch.dtype | None = None, *, fsdp_param_dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, full_tensor)` for each unique weight, gathered across ranks and cast to `dtype`.
@@ -97,8 +122,10 @@ def iter_full_weights(
 
 def weights_manifest(model: nn.Module, dtype: torch.dtype | None = None) -> list[ManifestEntry]:
     """`(name, shape, dtype)` of exactly what `iter_full_weights` yields, without gathering anything."""
+    fmt = checkpoint_format(model)
+    out = []
     # A DTensor's .shape is the global shape, so no communication is needed.
-    return [
-        (name, tuple(tensor.shape), dtype if dtype is not None else tensor.dtype)
-        for name, tensor in _unique_state(model)
-    ]
+    for name, tensor in _unique_state(model):
+        dt = dtype if dtype is not None else tensor.dtype
+        out += [(n, shape, dt) for n, shape in fmt.meta(name, tuple(tensor.shape), dt)]
+    return out

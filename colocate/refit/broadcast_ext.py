@@ -70,6 +70,7 @@ class BroadcastRefitExtension:
             device=a["device"],
             load_fn=self._colocate_bcast_load, timeout_s=a["timeout_s"], expected=a["expected"],
             connect_timeout_s=a["connect_timeout_s"],
+            check_fn=lambda meta: vllm_engine.offer_mismatch(self, meta),
             begin_fn=lambda: vllm_engine.begin_weight_update(self),
             finish_fn=lambda: vllm_engine.finish_weight_update(self),
         )

@@ -23,7 +23,15 @@ from colocate.refit.broadcast_frames import (
 )
 from colocate.refit.broadcast_group import CONNECT_TIMEOUT_S, Group, first_line, nccl_env, td
 from colocate.refit.errors import RefitError, RefitTimeoutError
-from colocate.refit.plan import Bucket, Expected, Manifest, ManifestError, manifest_mismatch
+from colocate.refit.plan import (
+    Bucket,
+    CheckFn,
+    Expected,
+    Manifest,
+    ManifestError,
+    manifest_meta,
+    manifest_mismatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +53,13 @@ class BroadcastReceiver:
 
     `load_fn` may keep nothing it is given past its return (the buffer is refilled next); on GPU it may
     enqueue copies on the current stream, which the next broadcast into that buffer waits for.
-    `expected` (name -> (dtype name, shape)), if given, is checked against every new manifest."""
+    `expected` (name -> (dtype name, shape)) and `check_fn(meta)` (why the engine cannot take these tensors,
+    None if it can), if given, check every new manifest; a refusal fails the refit on every rank before any
+    bucket moves."""
 
     def __init__(self, *, master: tuple[str, int], rank: int, world_size: int, device: str, load_fn: LoadFn,
                  begin_fn: Callable[[], None] | None = None, finish_fn: Callable[[], None] | None = None,
-                 timeout_s: float = 60.0, expected: Expected | None = None,
+                 timeout_s: float = 60.0, expected: Expected | None = None, check_fn: CheckFn | None = None,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         if not 0 < rank < world_size:
             raise ValueError(f"receiver rank must be in 1..{world_size - 1}, got {rank}")
@@ -59,6 +69,7 @@ class BroadcastReceiver:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.expected = expected
+        self.check_fn = check_fn
         self._store: dist.Store | None = None
         self._group: Group | None = None
         self._manifest: Manifest | None = None
@@ -124,6 +135,8 @@ class BroadcastReceiver:
                 raise ManifestError(f"refit {h.refit_id}: the manifest received hashes to {m.digest()}, the "
                                     f"header says {h.digest}")
             why = manifest_mismatch(m, self.expected)
+            if why is None and self.check_fn is not None:
+                why = self.check_fn(manifest_meta(m))
             if why:
                 raise ManifestError(f"refit {h.refit_id}: {why}")
             if self._manifest is None or self._manifest.digest() != m.digest():

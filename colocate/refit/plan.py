@@ -14,7 +14,7 @@ Layout rules:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import msgspec
 import torch
@@ -104,6 +104,10 @@ class Manifest(msgspec.Struct, frozen=True):
 Meta = Sequence[tuple[str, str, tuple[int, ...]]]
 
 
+# Why an engine cannot take the tensors of a manifest (planned from this Meta), or None when it can.
+CheckFn = Callable[[Meta], "str | None"]
+
+
 def tensor_meta(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype name, shape) of each tensor, without touching its data."""
     return [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named]
@@ -179,6 +183,11 @@ def next_matching(it: Iterator[tuple[str, torch.Tensor]], e: Entry, entries: Seq
 
 
 Expected = dict[str, tuple[str, tuple[int, ...]]]
+
+
+def manifest_meta(manifest: Manifest) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The (name, dtype name, shape) list a manifest was planned from."""
+    return [(e.name, e.dtype, tuple(e.shape)) for e in manifest.entries]
 
 
 def manifest_mismatch(manifest: Manifest, expected: Expected | None) -> str | None:

@@ -2,7 +2,9 @@
 
 Protocol state machine (receiver side). S = sender, R = receiver; every frame is [token, header] (wire.py).
 
-    IDLE ──Prepare(manifest)──▶ IDLE          store the manifest by digest, check it against `expected`; Ack
+    IDLE ──Prepare(manifest)──▶ IDLE          check it (`expected`, then `check_fn`: does the engine accept
+                                              every tensor and is every parameter filled?), else Error;
+                                              store it by digest; Ack
     IDLE ──Release(ids)───────▶ IDLE          close the cached buffers S freed (no reply: S may be gone)
     IDLE ──Begin(digest)──────▶ RECEIVING     unknown digest -> Error; call begin_fn; Ack
     RECEIVING ──Load(bucket)──▶ RECEIVING     check the bucket (entries not yet seen, buffer big enough),
@@ -41,7 +43,16 @@ from colocate.refit.buffers import BufferCache
 from colocate.refit.checksum import checksum
 from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError, remote_error
 from colocate.refit.jobdir import ensure_private_dir, random_name
-from colocate.refit.plan import Entry, Expected, Manifest, ManifestError, dtype_from_name, manifest_mismatch
+from colocate.refit.plan import (
+    CheckFn,
+    Entry,
+    Expected,
+    Manifest,
+    ManifestError,
+    dtype_from_name,
+    manifest_meta,
+    manifest_mismatch,
+)
 
 LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
 
@@ -66,7 +77,10 @@ class RefitReceiver:
         begin_fn: Callable[[], None] | None = None,
         finish_fn: Callable[[], None] | None = None,
         expected: Sequence[tuple[str, str, tuple[int, ...]]] | None = None,
+        check_fn: CheckFn | None = None,
     ) -> None:
+        """`expected`: the exact (name, dtype, shape) list to accept. `check_fn(meta)`: why the engine cannot
+        take a manifest's tensors (None: it can); both run once per manifest, before any bucket moves."""
         ensure_private_dir(job_dir)
         self.job_dir = job_dir
         self.token = token.encode()
@@ -76,6 +90,7 @@ class RefitReceiver:
         self.timeout_s = timeout_s
         self.expected: Expected | None = (
             {n: (d, tuple(s)) for n, d, s in expected} if expected is not None else None)
+        self.check_fn = check_fn
         self.rejected = 0
         self.cache = BufferCache(job_dir)
         self._manifests: dict[str, Manifest] = {}
@@ -187,6 +202,8 @@ class RefitReceiver:
 
     def _check_expected(self, manifest: Manifest) -> None:
         why = manifest_mismatch(manifest, self.expected)
+        if why is None and self.check_fn is not None:
+            why = self.check_fn(manifest_meta(manifest))
         if why is not None:
             raise ManifestError(why)
 

@@ -6,7 +6,8 @@
     llm.collective_rpc("colocate_refit_receive")      # the update task: returns when one refit completed
     llm.reset_prefix_cache()                          # cached KV came from the old weights
 
-Each bucket goes through `vllm_engine.load_weights_into_worker` (`model.load_weights` on GPU, the layerwise
+Each new manifest is checked against what the engine's loader accepts (`vllm_engine.offer_mismatch`)
+before any bucket moves. Each bucket goes through `vllm_engine.load_weights_into_worker` (`model.load_weights` on GPU, the layerwise
 reload on CPU where vLLM repacks Linear weights). Method names start with `colocate_` because the worker has
 its own `update_weights` and friends, and vLLM refuses an extension whose names clash.
 """
@@ -56,6 +57,7 @@ class ColocateRefitExtension(BroadcastRefitExtension):
             job_dir=job_dir, token=token, load_fn=load, timeout_s=timeout_s,
             begin_fn=lambda: vllm_engine.begin_weight_update(self),
             finish_fn=lambda: vllm_engine.finish_weight_update(self),
+            check_fn=lambda meta: vllm_engine.offer_mismatch(self, meta),
         )
         return self._colocate_receiver.address
 
@@ -91,10 +93,15 @@ class ColocateRefitExtension(BroadcastRefitExtension):
             return "cuda:" + str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
         return "cpu:0"
 
-    def colocate_unloaded_params(self) -> list[str] | None:
-        """Engine parameters the last refit (either transport) left without all their tensors; None: unknown
-        for this architecture. After sleep(level=2) every parameter must be refilled."""
+    def colocate_unloaded_params(self) -> list[str]:
+        """Engine parameters the last refit (either transport) left without all their tensors. After
+        sleep(level=2) every parameter must be refilled."""
         return vllm_engine.unloaded_params(self)
+
+    def colocate_check_offer(self, offer: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, Any]:
+        """Whether a refit of these (name, dtype, shape) tensors fills this engine exactly (`accepts.py`)."""
+        check = vllm_engine.check_offer(self, offer)
+        return {"ok": check.ok, "summary": check.summary(), "tensors": len(offer), "params": len(check.needs)}
 
     def colocate_received_fingerprints(self) -> dict[str, str]:
         """What the last refit handed to the engine, per tensor (with `record=True`)."""

@@ -119,6 +119,20 @@ class Cluster:
         shutil.rmtree(self.job_dir, ignore_errors=True)  # sockets and segments were closed with their owners
 
 
+def check_refit_exact(policy: Any, generation: Any, dtype: str) -> None:
+    """Refuse the run before its first step unless every engine takes the policy's refit exactly: the
+    engines dry-run their own loaders over what the policy will stream (`engine.accepts`)."""
+    import torch
+
+    from colocate.models.checkpoint_format import UnsupportedModelError
+    from colocate.refit.plan import dtype_name
+
+    offer = [(n, dtype_name(d), s) for n, s, d in policy.weights_manifest(getattr(torch, dtype))]
+    for report in generation.check_offer(offer):
+        if not report["ok"]:
+            raise UnsupportedModelError(f"a refit of this model would not be exact: {report['summary']}")
+
+
 def build(cfg: Config, model_path: str, job: str) -> Cluster:
     from colocate.generation.group import GenerationGroup
     from colocate.policy.group import PolicyGroup
@@ -162,6 +176,7 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
             kv_cache_memory_bytes=g.kv_cache_memory_bytes, gpu_memory_utilization=g.gpu_memory_utilization,
             enforce_eager=g.enforce_eager, engine=g.engine, enable_sleep_mode=g.sleep and on_gpu, seed=g.seed,
         )
+        check_refit_exact(cluster.policy, cluster.generation, g.dtype)
         if transport == "zmq":
             cluster.generation.open_refit(job, job_dir, token, cfg.refit.timeout_s)
         else:

@@ -36,6 +36,9 @@ class ModelConfig:
     path: str = "tiny"
     """A local HF checkpoint directory, or "tiny": a small model and tokenizer built locally at start."""
     tiny_seed: int = 0
+    allow_unverified: bool = False
+    """Run an architecture that `engine.support` does not list as verified for exact refit (the engines still
+    refuse any refit their loader would not take exactly)."""
 
 
 @dataclass

@@ -27,6 +27,15 @@ def resolve_model(cfg: Config, out_dir: Path) -> str:
     return str(build_tiny_model(out_dir / "tiny-model", seed=cfg.model.tiny_seed))
 
 
+def check_model(model_path: str, *, allow_unverified: bool) -> None:
+    """A local checkpoint of an architecture the refit is verified exact for (`engine.support`)."""
+    from transformers import AutoConfig
+
+    from colocate.engine.support import check_supported
+
+    check_supported(AutoConfig.from_pretrained(model_path), allow_unverified=allow_unverified)
+
+
 def main(dcfg: DictConfig) -> dict:
     cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -39,8 +48,9 @@ def main(dcfg: DictConfig) -> dict:
     from colocate import cluster as clusters
     from colocate.train import train
 
-    clusters.connect(cfg.placement.ray_address, cfg.placement.num_cpus)
     model_path = resolve_model(cfg, out_dir)
+    check_model(model_path, allow_unverified=cfg.model.allow_unverified)  # before Ray or any actor starts
+    clusters.connect(cfg.placement.ray_address, cfg.placement.num_cpus)
     cluster = clusters.build(cfg, model_path, job=out_dir.name)
     try:
         summary = train(cfg, cluster, out_dir)

@@ -111,10 +111,13 @@ class SenderActor:
     def connect(self) -> None:
         self.sender.connect()
 
-    def stream(self, checkpoint: str, cast: str | None = None, die_at_tensor: int | None = None) -> dict:
-        tensors = checkpoint_tensors(checkpoint)
+    def stream(self, checkpoint: str, cast: str | None = None, die_at_tensor: int | None = None,
+               drop: str | None = None, reshape: str | None = None) -> dict:
+        tensors = [(n, t) for n, t in checkpoint_tensors(checkpoint) if n != drop]
         if cast is not None:  # a consistent manifest the engines do not expect: one tensor in bfloat16
             tensors = [(n, t.to(torch.bfloat16) if n == cast else t) for n, t in tensors]
+        if reshape is not None:  # a consistent manifest with one tensor the engine cannot hold: rows halved
+            tensors = [(n, t[: t.shape[0] // 2] if n == reshape else t) for n, t in tensors]
 
         def gen():
             for i, item in enumerate(tensors):

@@ -62,8 +62,11 @@ class SenderActor:
         self.sender = RefitSender(address=address, token=token, job_dir=job_dir, device="cpu",
                                   buffer_bytes=buffer_bytes, timeout_s=timeout_s)
 
-    def stream(self, checkpoint: str, corrupt: str | None = None, drop: str | None = None) -> dict:
+    def stream(self, checkpoint: str, corrupt: str | None = None, drop: str | None = None,
+               reshape: str | None = None) -> dict:
         tensors = [(n, t) for n, t in load_file(os.path.join(checkpoint, "model.safetensors")).items() if n != drop]
+        if reshape is not None:  # a consistent manifest with one tensor the engine cannot hold: rows halved
+            tensors = [(n, t[: t.shape[0] // 2] if n == reshape else t) for n, t in tensors]
         meta = tensor_meta(tensors)
         if corrupt is not None:  # the manifest promises one shape, the tensor has another
             tensors = [(n, t.reshape(-1) if n == corrupt else t) for n, t in tensors]

@@ -324,6 +324,28 @@ def test_ten_refits_in_a_row_then_close_and_reopen(engines, group, models, hf):
     ray.get([e.close.remote() for e in engines])  # closing twice is harmless
 
 
+@pytest.mark.parametrize("bad", [{"drop": "model.layers.1.self_attn.k_proj.weight"},
+                                 {"reshape": "model.layers.0.mlp.down_proj.weight"}], ids=["withheld", "misshaped"])
+def test_the_engine_refuses_an_inexact_manifest_before_any_bucket(engines, models, hf, bad):
+    """No `expected` list here: the engines' own check of what their loader accepts refuses the refit."""
+    prompt_ids, want = hf
+    sender = form(engines, f"bcast-inexact-{next(iter(bad))}")
+    ray.get([e.arm.remote() for e in engines])
+    futures = {"sender": [sender.stream.remote(models[1], **bad)], "receiver": [e.receive.remote() for e in engines]}
+    with pytest.raises(RefitManifestError, match="cannot take this refit exactly"):
+        await_refit(futures, timeout_s=4 * TIMEOUT)
+    name = next(iter(bad.values()))
+    for ref in futures["receiver"]:  # each engine names what is wrong
+        with pytest.raises(RefitManifestError, match=name.rsplit(".", 2)[0].replace(".", r"\.")):
+            ray.get(ref)
+    with pytest.raises(RefitManifestError):
+        ray.get(futures["sender"][0])
+    assert ray.get([e.loads.remote() for e in engines]) == [0, 0]  # no bucket was ever loaded
+    refit(sender, engines, models[0])  # the group is intact, the engines exact
+    assert ray.get([e.greedy.remote(prompt_ids, MAX_TOKENS) for e in engines]) == [want[0]] * 2
+    close(sender, engines)
+
+
 def test_killed_receiver_makes_the_others_raise_in_time(engines, models):
     sender = form(engines, "bcast-kill-receiver")
     ray.get(engines[1].arm.remote(2))  # SIGKILL inside the load of bucket 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from colocate.refit.errors import RefitError
+from colocate.refit.errors import RefitError, RefitManifestError
 from colocate.refit.futures import await_refit
 from colocate.refit.jobdir import new_job_dir, new_token
 from colocate.refit.vllm_ext import fingerprint
@@ -78,12 +78,24 @@ def test_failed_refit_raises_one_error_and_loses_nothing(pair, models, hf):
     assert ray.get(engine.greedy.remote(prompt_ids, MAX_TOKENS)) == want[1]
 
 
-def test_the_engine_tells_which_parameters_a_refit_left_unfilled(pair, models, hf):
-    """What lets a generation worker refuse to serve after sleep(level=2) and a partial refit."""
+@pytest.mark.parametrize("bad, where", [
+    ({"drop": "model.layers.1.self_attn.k_proj.weight"}, "model.layers.1.self_attn.qkv_proj.weight"),
+    ({"reshape": "model.layers.0.mlp.down_proj.weight"}, "model.layers.0.mlp.down_proj.weight"),
+], ids=["withheld", "misshaped"])
+def test_the_engine_refuses_an_inexact_manifest_before_any_bucket(pair, models, hf, bad, where):
+    """The production check (no `expected` list): the engine dry-runs its own loader over the manifest."""
     engine, sender = pair
-    refit(engine, sender, models[1])
-    assert ray.get(engine.unloaded_params.remote()) == []
-    refit(engine, sender, models[1], drop="model.layers.1.self_attn.k_proj.weight")  # one part of a fused one
-    assert ray.get(engine.unloaded_params.remote()) == ["model.layers.1.self_attn.qkv_proj.weight"]
+    prompt_ids, want = hf
     refit(engine, sender, models[0])
+    futures = {"sender": [sender.stream.remote(models[1], **bad)], "receiver": [engine.receive.remote()]}
+    with pytest.raises(RefitManifestError, match="cannot take this refit exactly"):
+        await_refit(futures, timeout_s=4 * TIMEOUT)
+    for ref in futures["sender"] + futures["receiver"]:  # both sides raise it, naming the parameter
+        with pytest.raises(RefitManifestError, match=where.replace(".", r"\.")):
+            ray.get(ref)
+    received, _ = ray.get(engine.fingerprints.remote())
+    assert received == {}  # no bucket was loaded
+    assert ray.get(engine.greedy.remote(prompt_ids, MAX_TOKENS)) == want[0]
+    refit(engine, sender, models[1])  # the pair still works
+    assert ray.get(engine.greedy.remote(prompt_ids, MAX_TOKENS)) == want[1]
     assert ray.get(engine.unloaded_params.remote()) == []

@@ -1,7 +1,8 @@
 """Which tensors a refit moves for a model: HF names, shapes and dtype, from a config alone.
 
 `--model` takes `tiny` (built here), a shape set shipped in `colocate/bench/shapes/` (`llama3-8b`,
-`qwen2.5-1.5b`: configs only, for engines with `load_format="dummy"`), or a local HF directory.
+`qwen2.5-1.5b`, `qwen3-30b-a3b-12l`: Qwen3-30B-A3B cut to 12 of its 48 layers, 128 experts each; configs
+only, for engines with `load_format="dummy"`), or a local HF directory.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ def resolve_model(model: str) -> tuple[Path, bool]:
 
 
 def param_meta(model_dir: Path, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...]]]:
-    """HF parameter names and shapes, built on the meta device: tied weights appear once (as vLLM loads)."""
+    """Checkpoint names and shapes of what a policy streams, built on the meta device: tied weights appear
+    once, MoE experts one tensor per expert and projection (`policy.weights.weights_manifest`)."""
     import transformers
+
+    from colocate.policy.weights import weights_manifest
 
     cfg = transformers.AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return [(n, tuple(s)) for n, s, _ in weights_manifest(model, dtype)]

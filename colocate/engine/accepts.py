@@ -96,13 +96,15 @@ def _twin(param: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
 
 
 def _checkpoint_format(module: torch.nn.Module, use_reload_metadata: bool) -> dict[str, torch.Tensor]:
+    live = {n: p for n, p in module._parameters.items() if p is not None}
     if use_reload_metadata:
         from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
         info = LAYERWISE_INFO.get(module)
-        if info is not None and info.restore_metadata[0]:
-            return dict(info.restore_metadata[0])
-    return {n: p for n, p in module._parameters.items() if p is not None}
+        if info is not None:
+            # The metadata leaves out what vLLM never repacks (a Linear's `bias`): the live one is right.
+            return {**live, **info.restore_metadata[0]}
+    return live
 
 
 @contextmanager
@@ -126,6 +128,10 @@ def _meta_twins(model: torch.nn.Module, use_reload_metadata: bool,
                     twin = _twin(source, module)
                     qualified = f"{prefix}.{name}" if prefix else name
                     loader = getattr(twin, "weight_loader", default_weight_loader)
+                    # A reload leaves vLLM's deferring wrapper on the metadata tensors (it unwraps only the
+                    # tensors it materialised); outside a reload that wrapper loads nothing.
+                    while getattr(loader, "__name__", "") == "online_process_loader":
+                        loader = loader.__wrapped__
 
                     def record(*args, _loader=loader, _q=qualified, **kwargs):
                         with CopyCounter() as counter:
@@ -169,3 +175,34 @@ def check_offer(model: torch.nn.Module, offer: Offer, *, use_reload_metadata: bo
                 if want != dtype:
                     result.wrong_dtype[name] = (dtype, want)
     return result
+
+
+def meta_engine_model(model_dir: str, max_model_len: int = 64) -> tuple[torch.nn.Module, torch.dtype]:
+    """vLLM's model for a checkpoint, built on the meta device (no weights read or allocated), and its dtype.
+
+    For a static check with no engine running: the same classes and loaders a started engine would use,
+    with a one-process gloo group for vLLM's parallel state (set up once per process).
+    """
+    import tempfile
+
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader.utils import initialize_model
+
+    config = EngineArgs(model=model_dir, load_format="dummy", enforce_eager=True, skip_tokenizer_init=True,
+                        max_model_len=max_model_len).create_engine_config()
+    with set_current_vllm_config(config):
+        if not model_parallel_is_initialized():
+            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                         distributed_init_method=f"file://{tempfile.mktemp(prefix='colocate-')}")
+            initialize_model_parallel(1, 1)
+        dtype, default = config.model_config.dtype, torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # as vLLM's loader does: layers create their weights in it
+        try:
+            with torch.device("meta"):
+                model = initialize_model(vllm_config=config)
+        finally:
+            torch.set_default_dtype(default)
+    return model, dtype

@@ -172,6 +172,11 @@ class GenerationGroup:
     def close_broadcast(self) -> None:
         self._call_all("close_broadcast")
 
+    def check_offer(self, offer: list[tuple[str, str, tuple[int, ...]]]) -> list[dict[str, Any]]:
+        """Whether a refit of these (name, dtype, shape) tensors fills each engine exactly, per TP rank of
+        each worker: {"ok", "summary", ...} (the dry run of `engine.accepts`; no weight moves)."""
+        return [r for ranks in self._call_all("call_workers", "colocate_check_offer", offer) for r in ranks]
+
     def weight_versions(self) -> list[int]:
         return self._call_all("weight_version")
 

@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 # arch -> (HF model type, whether its checkpoints tie embeddings by default, extra config keys). `{head_dim}` and
-# `{intermediate}` are filled in from the sizes asked for. The MoE ones have 4 experts, 2 per token.
+# `{intermediate}` are filled in from the sizes asked for, `{experts}` from `num_experts`; 2 experts per token.
 ARCHS: dict[str, tuple[str, bool, dict]] = {
     "llama": ("llama", False, {}),
     "mistral": ("mistral", False, {"sliding_window": None, "head_dim": "{head_dim}"}),
@@ -48,10 +48,11 @@ ARCHS: dict[str, tuple[str, bool, dict]] = {
     "gemma2": ("gemma2", True, {"head_dim": "{head_dim}", "query_pre_attn_scalar": "{head_dim}",
                                 "sliding_window": 256, "hidden_activation": "gelu_pytorch_tanh"}),
     "phi3": ("phi3", False, {}),
-    "qwen3_moe": ("qwen3_moe", False, {"head_dim": "{head_dim}", "num_experts": 4, "num_experts_per_tok": 2,
+    "qwen3_moe": ("qwen3_moe", False, {"head_dim": "{head_dim}", "num_experts": "{experts}", "num_experts_per_tok": 2,
                                        "moe_intermediate_size": "{intermediate}", "decoder_sparse_step": 1,
                                        "norm_topk_prob": True}),
-    "mixtral": ("mixtral", False, {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "mixtral": ("mixtral", False, {"num_local_experts": "{experts}", "num_experts_per_tok": 2,
+                                   "sliding_window": None}),
 }
 _WORD_TEXT = (
     "the of and to in is that it for as with was on be by this are or from at an which have not has but "
@@ -140,6 +141,7 @@ def build_tiny_model(
     dtype: str = "float32",
     corpus: list[str] | None = None,
     tie_word_embeddings: bool | None = None,
+    num_experts: int = 4,
     init_std: float = 0.1,
 ) -> Path:
     """Write a randomly initialised `arch` model (a key of `ARCHS`) with its tokenizer into `out_dir`.
@@ -176,7 +178,7 @@ def build_tiny_model(
         raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(ARCHS)}")
     model_type, tied_default, extra = ARCHS[arch]
     common["tie_word_embeddings"] = tied_default if tie_word_embeddings is None else tie_word_embeddings
-    fill = {"{head_dim}": head_dim, "{intermediate}": intermediate_size}
+    fill = {"{head_dim}": head_dim, "{intermediate}": intermediate_size, "{experts}": num_experts}
     common.update({k: fill.get(v, v) if isinstance(v, str) else v for k, v in extra.items()})
     config = AutoConfig.for_model(model_type, **common)
     model = AutoModelForCausalLM.from_config(config)
@@ -216,9 +218,17 @@ def main() -> None:
                         help="tie input and output embeddings (default: the family's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--num-kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate-size", type=int, default=256)
+    parser.add_argument("--num-experts", type=int, default=4, help="MoE families only")
     args = parser.parse_args()
     print(build_tiny_model(args.out_dir, arch=args.arch, seed=args.seed, dtype=args.dtype,
-                           tie_word_embeddings=args.tie))
+                           tie_word_embeddings=args.tie, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                           num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                           intermediate_size=args.intermediate_size, num_experts=args.num_experts))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
     llm.reset_prefix_cache()                          # cached KV came from the old weights
 
 Each new manifest is checked against what the engine's loader accepts (`vllm_engine.offer_mismatch`)
-before any bucket moves. Each bucket goes through `vllm_engine.load_weights_into_worker` (`model.load_weights` on GPU, the layerwise
-reload on CPU where vLLM repacks Linear weights). Method names start with `colocate_` because the worker has
-its own `update_weights` and friends, and vLLM refuses an extension whose names clash.
+before any bucket moves. Each bucket goes through `vllm_engine.load_weights_into_worker` (`model.load_weights`
+on GPU, the layerwise reload on CPU where vLLM repacks Linear weights). Method names start with `colocate_`
+because the worker has its own `update_weights` and friends, and vLLM refuses an extension whose names clash.
 """
 
 from __future__ import annotations

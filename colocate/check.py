@@ -20,6 +20,7 @@ directories are checked in one process (vLLM and Ray start once); the code is th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -34,7 +35,9 @@ from colocate.engine.accepts import OfferCheck
 from colocate.models.checkpoint_format import UnsupportedModelError
 
 PROMPTS = ["Q: 12+7= A:", "The answer is", "what", "Q: 93-40= A:"]
-# Teacher-forced logprobs of the engine's tokens against HF's, per dtype the engine computes in.
+# Teacher-forced logprobs of the engine's tokens against HF's, per dtype the engine computes in; ten times
+# that on GPU, where vLLM's kernels round differently (Qwen2.5-1.5B shapes, fp32, H200: 4.6e-3). A weight
+# the refit got wrong moves them by whole nats (a Qwen3-MoE refit with fused expert names: 8.2).
 LOGPROB_TOL = {"float32": 2e-3, "bfloat16": 0.1, "float16": 0.05}
 
 
@@ -102,7 +105,9 @@ def _hf_reference(model_dir: str, prompt_ids: list[list[int]], responses: list[l
     """HF's greedy tokens, and HF's logprobs of the engine's `responses` (teacher-forced)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    # Eager attention: the reference implementation (sdpa drops Gemma2's attention-logit soft-capping).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    model = model.to(device).eval()
     greedy, logprobs = [], []
     with torch.no_grad():
         for ids, resp in zip(prompt_ids, responses, strict=True):
@@ -127,7 +132,7 @@ def _prompt_ids(model_dir: str) -> list[list[int]]:
 
 
 def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_tokens: int,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, verbose: bool = False) -> dict[str, Any]:
     """One transport end to end (see the module docstring); a table row."""
     from colocate import cluster as clusters
     from colocate.config import Config
@@ -144,19 +149,24 @@ def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_
     cfg.refit.buffer_size_mb = 1.0  # many buckets, and fused parameters split across them
     cfg.refit.timeout_s = 120.0
     row: dict[str, Any] = {"check": f"refit over {transport}", "device": device, "dtype": dtype}
-    clusters.connect("local", cfg.placement.num_cpus)
+    clusters.connect("local", cfg.placement.num_cpus, log_to_driver=verbose)
+    say = functools.partial(print, f"[{Path(model_dir).name} {transport}]", file=sys.stderr, flush=True)
+    say("starting the policy and the engine")
     cluster = clusters.build(cfg, model_dir, job=f"check-{transport}-{int(time.time())}")
     try:
         prompt_ids = _prompt_ids(model_dir)
         row["perturbed_tensors"] = cluster.policy.execute(perturb, seed, 0.05)[0]
+        say(f"perturbed {row['perturbed_tensors']} tensors; refitting")
         t = time.perf_counter()
         cluster.refit()
         row["refit_ms"] = round((time.perf_counter() - t) * 1e3, 1)
+        say("refit done; generating")
         rollouts = cluster.generation.generate(prompt_ids, temperature=0.0, max_tokens=max_tokens, n=1)
         engine = [r.response_ids for r in rollouts]
         engine_lp = [r.logprobs for r in rollouts]
         with tempfile.TemporaryDirectory() as tmp:
             cluster.policy.export_hf(tmp, getattr(torch, dtype))
+            say("exported the policy's weights; running HF transformers")
             hf_device = device if device == "cpu" else "cuda"
             hf, hf_lp = _hf_reference(tmp, prompt_ids, engine, max_tokens, hf_device, getattr(torch, dtype))
     finally:
@@ -165,39 +175,44 @@ def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_
     diff = max((abs(a - b) for x, y in zip(engine_lp, hf_lp, strict=True) for a, b in zip(x, y, strict=True)),
                default=0.0)
     row.update(prompts=len(same), greedy_equal=sum(same), max_logprob_diff=float(f"{diff:.3g}"),
-               ok=all(same) and diff <= LOGPROB_TOL.get(dtype, 0.1))
+               ok=all(same) and diff <= LOGPROB_TOL[dtype] * (10 if device == "cuda" else 1))
     return row
 
 
 # ------------------------------------------------------------------------------------------ entry point
 def run(model_dir: str, args: argparse.Namespace) -> Report:
-    """Every check asked for on one checkpoint; raises CheckError / UnsupportedModelError if it cannot."""
+    """Every check asked for on one checkpoint, each row printed as soon as it is known; raises CheckError /
+    UnsupportedModelError if the model cannot be checked."""
     from colocate.engine.support import check_supported
 
     check_supported(_config(model_dir))
+    print(f"\n{model_dir}", flush=True)
     result, n_offered = static_check(model_dir)
-    rows = [{"check": "static: names and shapes", "tensors": n_offered, "engine_params": len(result.needs),
-             "ok": result.ok, "detail": result.summary()}]
-    report = Report(ok=result.ok, rows=rows)
+    report = Report(ok=result.ok)
+    _add_row(report, {"check": "static: names and shapes", "tensors": n_offered, "engine_params": len(result.needs),
+                      "ok": result.ok, "detail": result.summary()})
     if args.refit and result.ok:
         transports = ["zmq", "broadcast"] if args.transport == "both" else [args.transport]
         for transport in transports:
             if transport == "broadcast" and args.device == "cuda" and torch.cuda.device_count() < 2:
-                rows.append({"check": "refit over broadcast", "ok": None, "detail": "skipped: needs 2 GPUs"})
+                _add_row(report, {"check": "refit over broadcast", "ok": None, "detail": "skipped: needs 2 GPUs"})
                 continue
-            row = refit_check(model_dir, device=args.device, transport=transport, dtype=args.dtype,
-                              max_tokens=args.max_tokens)
-            rows.append(row)
-            report.ok = report.ok and row["ok"]
+            try:
+                row = refit_check(model_dir, device=args.device, transport=transport, dtype=args.dtype,
+                                  max_tokens=args.max_tokens, verbose=args.verbose)
+            except Exception as e:  # a refused or failed refit is a mismatch, said in one line
+                row = {"check": f"refit over {transport}", "ok": False,
+                       "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            _add_row(report, row)
     return report
 
 
-def print_table(model_dir: str, report: Report) -> None:
-    print(f"\n{model_dir}")
-    for row in report.rows:
-        status = {True: "ok", False: "MISMATCH", None: "skipped"}[row["ok"]]
-        rest = "  ".join(f"{k}={v}" for k, v in row.items() if k not in ("check", "ok"))
-        print(f"  {status:9s} {row['check']:26s} {rest}")
+def _add_row(report: Report, row: dict[str, Any]) -> None:
+    report.rows.append(row)
+    report.ok = report.ok and row["ok"] is not False
+    status = {True: "ok", False: "MISMATCH", None: "skipped"}[row["ok"]]
+    rest = "  ".join(f"{k}={v}" for k, v in row.items() if k not in ("check", "ok"))
+    print(f"  {status:9s} {row['check']:26s} {rest}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="policy and engine dtype for --refit (float32: exactness, not bf16 rounding, is checked)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--json", help="write the reports here")
+    p.add_argument("--verbose", action="store_true", help="show the policy's and the engines' logs")
     args = p.parse_args(argv)
     code, out = 0, {}
     for model_dir in args.model_dirs:
@@ -220,11 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             out[model_dir] = {"ok": None, "error": str(e)}
             code = 2
             continue
-        print_table(model_dir, report)
         out[model_dir] = {"ok": report.ok, "rows": report.rows}
         code = max(code, 0 if report.ok else 1)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        if args.json:  # after each model: a run cut short keeps what it found
+            Path(args.json).write_text(json.dumps(out, indent=1))
     return code
 
 

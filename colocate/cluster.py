@@ -29,13 +29,28 @@ from colocate.rendezvous import get_rendezvous
 log = logging.getLogger(__name__)
 
 
-def connect(address: str, num_cpus: int | None) -> None:
+def actor_env() -> dict[str, str]:
+    """The environment every actor of a run gets.
+
+    NCCL_CUMEM_ENABLE: NCCL reads it once per process, at its first communicator. The policy's FSDP group
+    comes first in its process and vLLM pins it to 0 in the engine's; a broadcast refit between ranks that
+    disagree cannot open each other's buffers (`refit/broadcast_group.py`), so every actor starts with the
+    value the broadcast group uses.
+    """
+    from colocate.refit.broadcast_group import CUMEM_DEFAULT
+
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
+            "NCCL_CUMEM_ENABLE": os.environ.get("NCCL_CUMEM_ENABLE", CUMEM_DEFAULT)}
+
+
+def connect(address: str, num_cpus: int | None, *, log_to_driver: bool = False) -> None:
     """Join the running cluster (a `ray job submit` sets RAY_ADDRESS) or start a local one."""
     if ray.is_initialized():
         return
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    env = actor_env()
     if address == "local":
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=log_to_driver)
         return
     if address == "auto" and not os.environ.get("RAY_ADDRESS"):
         try:

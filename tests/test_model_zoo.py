@@ -61,6 +61,14 @@ def test_the_policy_streams_exactly_the_checkpoint(zoo, name):
         (n, tuple(t.shape)) for n, t in streamed]
 
 
+def test_the_static_check_passes_every_family(zoo, tmp_path):
+    report_path = tmp_path / "static.json"
+    out = _check(*map(str, zoo.values()), "--json", str(report_path), timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    report = json.loads(report_path.read_text())
+    assert [report[str(p)]["rows"][0]["ok"] for p in zoo.values()] == [True] * len(zoo)
+
+
 @pytest.mark.slow
 def test_every_family_refits_exactly_over_both_transports(zoo, tmp_path):
     report_path = tmp_path / "report.json"

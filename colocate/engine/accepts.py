@@ -181,23 +181,26 @@ def meta_engine_model(model_dir: str, max_model_len: int = 64) -> tuple[torch.nn
     """vLLM's model for a checkpoint, built on the meta device (no weights read or allocated), and its dtype.
 
     For a static check with no engine running: the same classes and loaders a started engine would use,
-    with a one-process gloo group for vLLM's parallel state (set up once per process).
+    with a one-process gloo group for vLLM's parallel state (its groups made anew for each model).
     """
     import tempfile
 
     from vllm.config import set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    from vllm.distributed.parallel_state import destroy_model_parallel, model_parallel_is_initialized
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.utils import initialize_model
 
     config = EngineArgs(model=model_dir, load_format="dummy", enforce_eager=True, skip_tokenizer_init=True,
                         max_model_len=max_model_len).create_engine_config()
     with set_current_vllm_config(config):
-        if not model_parallel_is_initialized():
+        if not torch.distributed.is_initialized():
             init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                          distributed_init_method=f"file://{tempfile.mktemp(prefix='colocate-')}")
-            initialize_model_parallel(1, 1)
+        # Per model: which groups exist depends on the config (an MoE model needs the expert-parallel one).
+        if model_parallel_is_initialized():
+            destroy_model_parallel()
+        initialize_model_parallel(1, 1)
         dtype, default = config.model_config.dtype, torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # as vLLM's loader does: layers create their weights in it
         try:

@@ -30,8 +30,3 @@ class WeightUpdateTestExtension:
 
     def colocate_parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in vllm_engine.engine_named_parameters(self).items()}
-
-    def colocate_check_offer(self, offer: list[tuple[str, str, tuple[int, ...]]]) -> dict:
-        from dataclasses import asdict
-
-        return asdict(vllm_engine.check_offer(self, offer))

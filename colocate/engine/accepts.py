@@ -36,6 +36,8 @@ class OfferCheck:
     """Where an offer disagrees with the engine; `ok` when it fills every parameter exactly."""
 
     rejected: dict[str, str] = field(default_factory=dict)  # offered name -> the loader's error
+    # engine layers whose post-load processing an in-place refit cannot redo -> why (set by the caller)
+    unsupported: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     wrong_dtype: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (offered, engine)
     # offered name -> {engine parameter: elements it fills there}; engine parameter -> elements it needs
@@ -53,7 +55,7 @@ class OfferCheck:
 
     @property
     def ok(self) -> bool:
-        return not (self.rejected or self.ignored or self.wrong_dtype or self.unfilled())
+        return not (self.rejected or self.unsupported or self.ignored or self.wrong_dtype or self.unfilled())
 
     def summary(self, limit: int = 5) -> str:
         """One line: the counts and the first mismatches of each kind."""
@@ -61,6 +63,7 @@ class OfferCheck:
             return (f"every one of {len(self.destinations)} tensors lands; "
                     f"all {len(self.needs)} engine parameters filled")
         kinds = {
+            "engine layers a refit cannot update in place": [f"{n} ({e})" for n, e in self.unsupported.items()],
             "rejected by the engine's loader": [f"{n} ({e})" for n, e in self.rejected.items()],
             "ignored by the engine": self.ignored,
             "of another dtype than the engine's": [f"{n}: {a} != {b}" for n, (a, b) in self.wrong_dtype.items()],

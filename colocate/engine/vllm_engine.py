@@ -220,9 +220,28 @@ def check_offer(worker: Any, offer: Sequence[tuple[str, str, tuple[int, ...]]]) 
     offer = [(n, d, tuple(s)) for n, d, s in offer]
     cached = getattr(worker, _OFFER, None)
     if cached is None or cached[0] != offer:
-        cached = (offer, dry_run(_model(worker), offer, use_reload_metadata=_uses_layerwise_reload(worker)))
+        layerwise = _uses_layerwise_reload(worker)
+        check = dry_run(_model(worker), offer, use_reload_metadata=layerwise)
+        if not layerwise:
+            check.unsupported = _moe_layers_not_updatable_in_place(_model(worker))
+        cached = (offer, check)
         setattr(worker, _OFFER, cached)
     return cached[1]
+
+
+# MoE kernels that compute from the checkpoint layout itself: a refit's in-place copy is all they need.
+_IN_PLACE_MOE_BACKENDS = {"TRITON", "BATCHED_TRITON"}
+
+
+def _moe_layers_not_updatable_in_place(model: torch.nn.Module) -> dict[str, str]:
+    """MoE layers whose kernel keeps weights in a layout of its own (FlashInfer and AITER shuffle them after
+    loading), where a refit's in-place copy of checkpoint-layout tensors would be silently wrong."""
+    out = {}
+    for name, module in model.named_modules():
+        backend = getattr(getattr(module, "quant_method", None), "unquantized_backend", None)
+        if backend is not None and backend.name not in _IN_PLACE_MOE_BACKENDS:
+            out[name] = f"MoE backend {backend.value} reorders weights after loading"
+    return out
 
 
 def offer_mismatch(worker: Any, offer: Sequence[tuple[str, str, tuple[int, ...]]]) -> str | None:

@@ -250,6 +250,36 @@ def test_frames_without_token_are_rejected_and_receiver_keeps_serving(job):
     peer.stop()
 
 
+def test_a_frame_over_the_limit_is_dropped_unread_and_the_receiver_keeps_serving(job):
+    import psutil
+
+    job_dir, token = job
+    sent = tiny_state()
+    peer = Peer(job_dir, token)
+    receiver = psutil.Process(peer.proc.pid)
+    rss_before = receiver.memory_info().rss
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(peer.address)
+    garbage = os.urandom(1 << 20) * 200  # 200 MB, with the right token in front
+    rogue.send_multipart([token.encode(), garbage], copy=False)
+    del garbage
+    time.sleep(2.0)  # ZMQ's I/O thread reads frame headers whether or not the receiver is in recv
+    grown = receiver.memory_info().rss - rss_before
+    s = RefitSender(address=peer.address, token=token, job_dir=job_dir, device="cpu", buffer_bytes=4096,
+                    timeout_s=TIMEOUT)
+    s.stream(iter(sent), tensor_meta(sent))
+    kind, received, _buckets, _fds, _rejected, _cached = peer.result()
+    assert kind == "ok"
+    assert_bit_identical(received, sent)
+    assert grown < 20 << 20, f"the receiver grew by {grown / 2**20:.0f} MiB for a frame it must not read"
+    s.close()
+    rogue.close()
+    ctx.term()
+    peer.stop()
+
+
 def test_job_dir_is_private(job):
     job_dir, _ = job
     assert os.stat(job_dir).st_mode & 0o777 == 0o700

@@ -16,7 +16,8 @@ Protocol state machine (receiver side). S = sender, R = receiver; every frame is
     RECEIVING ──Done(n)───────▶ IDLE          every manifest entry arrived exactly once, else Error;
                                               finish_fn; Ack; `receive()` returns
     any ──Abort(error)────────▶ IDLE          S failed: raise the same named error here
-    any ──bad frame───────────▶ same state    wrong token or unparsable: counted in `rejected`, dropped
+    any ──bad frame───────────▶ same state    wrong token or unparsable: counted in `rejected`, dropped;
+                                              over `wire.MAX_FRAME_BYTES`: ZMQ drops the peer unread
     any ──nothing for timeout─▶ IDLE          raise RefitTimeoutError (S is dead or stuck)
     any ──local exception─────▶ IDLE          send Error(kind, traceback) to S, drop cached buffers, raise
 
@@ -101,6 +102,7 @@ class RefitReceiver:
         # forever in its finalizer (measured: gc.collect() hangs), so nothing is ever terminated here.
         self._sock = zmq.Context.instance().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         self._path = os.path.join(job_dir, random_name("recv") + ".sock")
         self._sock.bind(f"ipc://{self._path}")
         os.chmod(self._path, 0o600)

@@ -80,6 +80,7 @@ class RefitSender:
         # forever in its finalizer (measured: gc.collect() hangs), so nothing is ever terminated here.
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         self._sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         self._sock.connect(address)
 

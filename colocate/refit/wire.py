@@ -87,6 +87,12 @@ _dec_receiver = msgspec.json.Decoder(ToReceiver)
 _dec_sender = msgspec.json.Decoder(ToSender)
 
 
+# The largest frame either side reads: ZMQ drops a peer announcing a bigger one before reading any of it
+# (`zmq.MAXMSGSIZE`), so a stray or hostile local client cannot make the receiver buffer it. The largest
+# legal frame is a Prepare: ~100 bytes per manifest entry, so this allows half a million tensors.
+MAX_FRAME_BYTES = 64 << 20
+
+
 class BadFrame(ValueError):
     """A frame without the job's token, or one that does not parse."""
 

@@ -6,6 +6,7 @@ They stand in for the generation and policy workers, with the same refit calls t
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 import torch
@@ -32,6 +33,9 @@ class EngineActor:
         [self.address] = self.llm.collective_rpc("colocate_refit_open", args=(job_dir, token, timeout_s, True))
         [device] = self.llm.collective_rpc("colocate_device_key")
         ray.get(get_rendezvous(job).register.remote(_key(device), self.address))
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def receive(self) -> dict:
         [stats] = self.llm.collective_rpc("colocate_refit_receive")
@@ -63,14 +67,19 @@ class SenderActor:
                                   buffer_bytes=buffer_bytes, timeout_s=timeout_s)
 
     def stream(self, checkpoint: str, corrupt: str | None = None, drop: str | None = None,
-               reshape: str | None = None) -> dict:
+               reshape: str | None = None, delay_s: float = 0.0) -> dict:
         tensors = [(n, t) for n, t in load_file(os.path.join(checkpoint, "model.safetensors")).items() if n != drop]
         if reshape is not None:  # a consistent manifest with one tensor the engine cannot hold: rows halved
             tensors = [(n, t[: t.shape[0] // 2] if n == reshape else t) for n, t in tensors]
         meta = tensor_meta(tensors)
         if corrupt is not None:  # the manifest promises one shape, the tensor has another
             tensors = [(n, t.reshape(-1) if n == corrupt else t) for n, t in tensors]
-        stats = self.sender.stream(iter(tensors), meta)
+        def slowly():  # `delay_s` per tensor, as a slow gather would
+            for item in tensors:
+                time.sleep(delay_s)
+                yield item
+
+        stats = self.sender.stream(slowly(), meta)
         return {"buckets": stats.buckets, "bytes": stats.bytes}
 
     def close(self) -> None:

@@ -3,10 +3,14 @@ rendezvous actor with paired futures; the engine then decodes exactly as HF tran
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import ray
 
-from colocate.refit.errors import RefitError, RefitManifestError
+from colocate.refit.errors import RefitError, RefitManifestError, RefitPeerDiedError
 from colocate.refit.futures import await_refit
 from colocate.refit.jobdir import new_job_dir, new_token
 from colocate.refit.vllm_ext import fingerprint
@@ -99,3 +103,21 @@ def test_the_engine_refuses_an_inexact_manifest_before_any_bucket(pair, models, 
     refit(engine, sender, models[1])  # the pair still works
     assert ray.get(engine.greedy.remote(prompt_ids, MAX_TOKENS)) == want[1]
     assert ray.get(engine.unloaded_params.remote()) == []
+
+
+def test_a_killed_engine_is_reported_at_once_not_after_the_refit_timeout(pair, models):
+    """kill -9 of the engine mid-refit, with a 60 s refit timeout: the driver raises RefitPeerDiedError as soon
+    as Ray knows the process died, instead of waiting for the sender to give up."""
+    job, job_dir, token = "test-refit-kill", new_job_dir(), new_token()
+    rendezvous = get_rendezvous(job)  # noqa: F841  (held: the actors look each other up through it)
+    engine = EngineActor.remote(models[0], job, job_dir, token, 60.0)
+    sender = SenderActor.remote(job, job_dir, token, 60.0, 64 << 10)
+    pid = ray.get(engine.pid.remote())
+    futures = {"sender": [sender.stream.remote(models[1], delay_s=0.2)], "receiver": [engine.receive.remote()]}
+    time.sleep(1.0)  # mid-stream: 27 tensors at 0.2 s each
+    os.kill(pid, signal.SIGKILL)
+    t = time.perf_counter()
+    with pytest.raises(RefitPeerDiedError, match="refit failed on the receiver side"):
+        await_refit(futures, timeout_s=180.0)
+    assert time.perf_counter() - t < 30.0  # well before the sender's own 60 s timeout
+    ray.kill(sender)

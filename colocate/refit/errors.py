@@ -20,6 +20,11 @@ class RefitTimeoutError(RefitError, TimeoutError):
     """The peer sent nothing within the configured time: it is dead, stuck, or never started."""
 
 
+class RefitPeerDiedError(RefitError):
+    """A side's process died during the refit (killed, crashed, out of memory): reported as soon as Ray
+    knows, not after the other side's timeout."""
+
+
 class RefitRemoteError(RefitError):
     """The peer raised; its traceback is attached."""
 

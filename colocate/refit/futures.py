@@ -1,9 +1,11 @@
 """Await the two halves of a refit together: the policy's stream task and the engines' update tasks.
 
 Both sides are launched before either is awaited (the sender's first bucket waits on the receiver's loop).
-If one side fails, the other fails too within its own timeout (the protocol carries the error across), so we
-collect every outcome within a bound and raise one `RefitError` naming the side where it started, with the
-remote traceback.
+If one side fails, the other usually fails within moments (the protocol carries the error across, with its
+traceback), so after the first failure we wait `ABORT_GRACE_S` more for the rest, then raise one `RefitError`
+naming the side where it started: `RefitPeerDiedError` when that side's process died (a peer waiting on a
+dead process would otherwise only give up at its own timeout). A task still running then ends at its own
+timeout, with the error the protocol gives it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from typing import Any
 
 import ray
 
-from colocate.refit.errors import RefitError, RefitTimeoutError
+from colocate.refit.errors import RefitError, RefitPeerDiedError, RefitTimeoutError
+
+# After the first failure, how long the other side's outcome is awaited (for its traceback) before raising.
+ABORT_GRACE_S = 3.0
 
 
 def _origin(failures: list[tuple[str, BaseException]]) -> tuple[str, BaseException]:
@@ -45,13 +50,18 @@ def await_refit(futures: dict[str, list[ray.ObjectRef]], timeout_s: float) -> di
             try:
                 results[ref] = ray.get(ref)
             except (ray.exceptions.RayError, RefitError) as e:
+                if not failures:
+                    deadline = min(deadline, time.monotonic() + ABORT_GRACE_S)
                 failures.append((side_of[ref], e))
     if failures:
         side, e = _origin(failures)
         others = ", ".join(sorted({s for s, _ in failures if s != side}))
         msg = f"refit failed on the {side} side" + (f" (and then on: {others})" if others else "")
+        if pending:
+            msg += f" (still running: {', '.join(sorted({side_of[r] for r in pending}))})"
         cause = getattr(e, "cause", None)
-        raise RefitError(f"{msg}: {e}", side=side) from (cause or e)
+        cls = RefitPeerDiedError if isinstance(e, ray.exceptions.RayActorError) else RefitError
+        raise cls(f"{msg}: {e}", side=side) from (cause or e)
     if pending:
         stuck = sorted({side_of[r] for r in pending})
         for r in pending:

@@ -99,7 +99,8 @@ class Cluster:
         else:
             from colocate.refit.broadcast_policy import broadcast_weights
 
-            senders = [w.execute.remote(broadcast_weights, job=self.job, rank=rank, world_size=n_gen + 1,
+            senders = [w.execute.remote(broadcast_weights, job=self.job, token=self.token, rank=rank,
+                                        world_size=n_gen + 1,
                                         buffer_size_mb=r.buffer_size_mb, auto_fraction=r.auto_fraction,
                                         timeout_s=r.timeout_s, dtype=dtype)
                        for rank, w in enumerate(self.policy.workers)]
@@ -195,7 +196,7 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
         if transport == "zmq":
             cluster.generation.open_refit(job, job_dir, token, cfg.refit.timeout_s)
         else:
-            cluster.generation.open_broadcast(job, world_size=n_gen + 1, timeout_s=cfg.refit.timeout_s)
+            cluster.generation.open_broadcast(job, token=token, world_size=n_gen + 1, timeout_s=cfg.refit.timeout_s)
     except BaseException:
         cluster.close()
         raise

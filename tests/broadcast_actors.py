@@ -18,6 +18,7 @@ from colocate.refit.plan import tensor_meta
 from colocate.refit.vllm_ext import ColocateRefitExtension
 
 EXT = "tests.broadcast_actors.TestBroadcastExtension"
+TOKEN = "the-test-job-token"
 CONNECT_TIMEOUT_S = 120.0  # engines may still be starting when the sender forms the group
 
 
@@ -66,7 +67,7 @@ class EngineActor:
     def open(self, job: str, rank: int, world_size: int, timeout_s: float, expected=None) -> dict:
         [info] = self.llm.collective_rpc("colocate_bcast_open", kwargs=dict(
             job=job, rank=rank, world_size=world_size, timeout_s=timeout_s, record=True, expected=expected,
-            connect=True, connect_timeout_s=CONNECT_TIMEOUT_S))
+            connect=True, connect_timeout_s=CONNECT_TIMEOUT_S, token=TOKEN))
         return info
 
     def receive(self) -> dict:
@@ -104,8 +105,8 @@ class SenderActor:
 
     def __init__(self, job: str, world_size: int, timeout_s: float, buffer_bytes: int) -> None:
         self.sender = BroadcastSender(host=ray.util.get_node_ip_address(), world_size=world_size,
-                                      device="cpu", buffer_bytes=buffer_bytes, timeout_s=timeout_s,
-                                      connect_timeout_s=CONNECT_TIMEOUT_S)
+                                      device="cpu", buffer_bytes=buffer_bytes, token=TOKEN,
+                                      timeout_s=timeout_s, connect_timeout_s=CONNECT_TIMEOUT_S)
         self.rendezvous = publish_master(job, self.sender.address)  # keeps the rendezvous actor alive
 
     def connect(self) -> None:
@@ -133,7 +134,7 @@ class SenderActor:
 
 
 def receiver_process(conn, master: tuple[str, int], rank: int, world_size: int, timeout_s: float,
-                     device: str = "cpu") -> None:
+                     device: str = "cpu", token: str = TOKEN) -> None:
     """A bare receiver in a spawned process: serves ("receive",), ("expect", meta) and ("close",) requests.
 
     Results travel as raw bytes, never as shared tensors."""
@@ -146,8 +147,12 @@ def receiver_process(conn, master: tuple[str, int], rank: int, world_size: int, 
             got[name] = to_bytes(t)
 
     r = BroadcastReceiver(master=master, rank=rank, world_size=world_size, device=device, load_fn=load,
-                          timeout_s=timeout_s, connect_timeout_s=CONNECT_TIMEOUT_S)
-    r.connect()
+                          token=token, timeout_s=timeout_s, connect_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        r.connect()
+    except Exception as e:
+        conn.send(("error", type(e).__name__, str(e), 0))
+        return
     conn.send(("ready",))
     while True:
         cmd = conn.recv()

@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 import torch
+import torch.distributed as dist
 
 from colocate.refit.broadcast import BroadcastSender
 from colocate.refit.broadcast_frames import (
@@ -23,7 +24,8 @@ from colocate.refit.broadcast_frames import (
     trailer_offset,
     words_digest,
 )
-from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError
+from colocate.refit.broadcast_group import td
+from colocate.refit.errors import RefitAuthError, RefitError, RefitManifestError, RefitTimeoutError
 from colocate.refit.futures import await_refit
 from colocate.refit.plan import ManifestError, manifest_mismatch, plan, tensor_meta
 from colocate.refit.vllm_ext import fingerprint
@@ -105,12 +107,69 @@ def odd_state(seed: int, rows: int = 64) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+# ---- the rendezvous store: one address, the job's token -------------------------------------------------
+
+def test_the_store_listens_on_the_address_given_alone():
+    import psutil
+
+    sender = BroadcastSender(host="127.0.0.1", world_size=2, device="cpu", buffer_bytes=4096,
+                             token=broadcast_actors.TOKEN, timeout_s=TIMEOUT)
+    port = sender.address[1]
+    listening = [c.laddr.ip for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    sender.close()
+    assert listening == ["127.0.0.1"]  # not 0.0.0.0 / :: (every interface)
+
+
+def test_a_forged_receiver_join_is_refused_then_the_real_one_works():
+    """Someone without the token writes rank 1's proof into the sender's store: the sender refuses to form
+    the group (RefitAuthError), and a new sender with a real receiver then refits bit for bit."""
+    sender = BroadcastSender(host="127.0.0.1", world_size=2, device="cpu", buffer_bytes=4096,
+                             token=broadcast_actors.TOKEN, timeout_s=TIMEOUT, connect_timeout_s=TIMEOUT)
+    forger = dist.TCPStore("127.0.0.1", sender.address[1], 2, False, timeout=td(TIMEOUT), wait_for_workers=False)
+    forger.set("auth/rank/1", b"\0" * 32)
+    with pytest.raises(RefitAuthError, match=r"receiver ranks \[1\] did not prove the job token"):
+        sender.connect()
+    sender.close()
+
+    sender = BroadcastSender(host="127.0.0.1", world_size=2, device="cpu", buffer_bytes=4096,
+                             token=broadcast_actors.TOKEN, timeout_s=TIMEOUT, connect_timeout_s=120)
+    conn, child = CTX.Pipe()
+    proc = CTX.Process(target=broadcast_actors.receiver_process, daemon=True,
+                       args=(child, sender.address, 1, 2, TIMEOUT))
+    proc.start()
+    sender.connect()
+    assert Trio.recv(conn) == ("ready",)
+    sent = odd_state(1)
+    conn.send(("receive",))
+    sender.stream(iter(sent), tensor_meta(sent))
+    kind, got, _buckets, _loads = Trio.recv(conn)
+    assert kind == "ok" and got == {n: to_bytes(t) for n, t in sent}
+    conn.send(("close",))
+    Trio.recv(conn)
+    sender.close()
+    proc.join(10)
+
+
+def test_a_receiver_refuses_a_store_set_up_without_the_token():
+    forged = BroadcastSender(host="127.0.0.1", world_size=2, device="cpu", buffer_bytes=4096,
+                             token="not-the-job-token", timeout_s=TIMEOUT)
+    conn, child = CTX.Pipe()
+    proc = CTX.Process(target=broadcast_actors.receiver_process, daemon=True,
+                       args=(child, forged.address, 1, 2, TIMEOUT))
+    proc.start()
+    kind, name, message, _ = Trio.recv(conn)
+    assert (kind, name) == ("error", "RefitAuthError") and "not set up by this job's sender" in message
+    proc.join(10)
+    forged.close()
+
+
 class Trio:
     """The sender in this process, two receivers in spawned processes, one gloo group."""
 
     def __init__(self) -> None:
         self.sender = BroadcastSender(host="127.0.0.1", world_size=3, device="cpu", buffer_bytes=16 << 10,
-                                      timeout_s=TIMEOUT, connect_timeout_s=120)
+                                      token=broadcast_actors.TOKEN, timeout_s=TIMEOUT, connect_timeout_s=120)
         self.conns, self.procs = [], []
         for rank in (1, 2):
             conn, child = CTX.Pipe()
@@ -394,7 +453,7 @@ def test_nccl_broadcast_cuda0_to_cuda1_is_bit_identical():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     sender = BroadcastSender(host="127.0.0.1", world_size=2, device="cuda:0", buffer_bytes=1 << 20,
-                             timeout_s=60)
+                             token=broadcast_actors.TOKEN, timeout_s=60)
     conn, child = CTX.Pipe()
     proc = CTX.Process(target=broadcast_actors.receiver_process, daemon=True,
                        args=(child, sender.address, 1, 2, 60.0, "cuda:1"))

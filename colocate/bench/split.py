@@ -51,6 +51,7 @@ from colocate.bench.refit import (
     write_outputs,
 )
 from colocate.bench.refit import _report as refit_report
+from colocate.refit.jobdir import new_token
 
 METHODS = ("colocate", "colocate_serial", "floor", "vllm_native")
 EXT = "colocate.refit.vllm_ext.ColocateRefitExtension"
@@ -140,7 +141,7 @@ def _sender(conn, a: dict[str, Any]) -> None:
     tensors = _make_tensors(a["meta"], getattr(torch, a["dtype"]), device, seed=1)
     meta_full = tensor_meta(tensors)
     sender = BroadcastSender(host="127.0.0.1", world_size=a["receivers"] + 1, device=device,
-                             buffer_bytes=a["buffer_bytes"], timeout_s=a["timeout"])
+                             buffer_bytes=a["buffer_bytes"], token=a["token"], timeout_s=a["timeout"])
     buckets = [b.nbytes for b in sender.manifest(meta_full).buckets]
     conn.send(("ready", sender.address, sum(t.numel() * t.element_size() for _, t in tensors), len(tensors),
                {n: fingerprint(t) for n, t in tensors}, buckets))
@@ -220,7 +221,8 @@ def _receiver(conn, a: dict[str, Any], rank: int) -> None:
         try:
             if cmd[0] == "connect":
                 llm.collective_rpc("colocate_bcast_open", kwargs=dict(
-                    job=JOB, rank=rank, world_size=world, timeout_s=a["timeout"], master=tuple(cmd[1]),
+                    job=JOB, token=a["token"], rank=rank, world_size=world, timeout_s=a["timeout"],
+                    master=tuple(cmd[1]),
                     connect=True))
                 conn.send(("ok", None))
             elif cmd[0] == "native_init":
@@ -343,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          f"{torch.cuda.device_count()} visible")
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     model_dir, has_weights = resolve_model(args.model)
-    a = dict(device=args.device, model_dir=str(model_dir), has_weights=has_weights, dtype=dtype,
+    a = dict(token=new_token(), device=args.device, model_dir=str(model_dir), has_weights=has_weights, dtype=dtype,
              meta=param_meta(model_dir, getattr(torch, dtype)), receivers=args.receivers, methods=methods,
              buffer_bytes=int(args.buffer_mb * (1 << 20)), timeout=args.timeout)
     t = time.perf_counter()

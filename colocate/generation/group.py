@@ -156,13 +156,13 @@ class GenerationGroup:
     def close_refit(self) -> None:
         self._call_all("close_refit")
 
-    def open_broadcast(self, job: str, *, world_size: int, timeout_s: float = 60.0,
+    def open_broadcast(self, job: str, *, token: str, world_size: int, timeout_s: float = 60.0,
                        connect_timeout_s: float | None = None) -> list[dict[str, Any]]:
         """Make every engine a receiver of the job's broadcast (policy rank 0 is group rank 0; engine w's TP
         rank r is group rank 1 + w * tp + r); each receiver's {"rank", "device"}, by worker."""
         tp = self.tensor_parallel_size
-        refs = [w.open_broadcast.remote(job, rank=1 + index * tp, world_size=world_size, timeout_s=timeout_s,
-                                        connect_timeout_s=connect_timeout_s)
+        refs = [w.open_broadcast.remote(job, token=token, rank=1 + index * tp, world_size=world_size,
+                                        timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
                 for index, w in enumerate(self.workers)]
         return [info for infos in self._wait(refs, "open_broadcast") for info in infos]
 

@@ -182,14 +182,14 @@ class GenerationWorker:
             ray.get([self._rendezvous.unregister.remote(k) for k in self._keys])
         self._keys = []
 
-    def open_broadcast(self, job: str, *, rank: int, world_size: int, timeout_s: float = 60.0,
+    def open_broadcast(self, job: str, *, token: str, rank: int, world_size: int, timeout_s: float = 60.0,
                        connect_timeout_s: float | None = None) -> list[dict[str, Any]]:
         """Take part in the job's split-placement broadcast as group ranks `rank + <TP rank>`; returns each
         TP rank's {"rank", "device"}. The group is joined at the first `receive_broadcast`, waiting up to
         `connect_timeout_s` (None: `broadcast.CONNECT_TIMEOUT_S`) for the sender and the other receivers."""
         from colocate.refit.broadcast import CONNECT_TIMEOUT_S
 
-        self._bcast_args = dict(job=job, rank=rank, world_size=world_size, timeout_s=timeout_s,
+        self._bcast_args = dict(job=job, token=token, rank=rank, world_size=world_size, timeout_s=timeout_s,
                                 connect_timeout_s=CONNECT_TIMEOUT_S if connect_timeout_s is None
                                 else connect_timeout_s)
         self._bcast_master = None

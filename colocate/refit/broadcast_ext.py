@@ -3,7 +3,8 @@
 `ColocateRefitExtension` (vllm_ext.py) inherits it, so one extension serves both transports:
 
     llm = make_llm(path, worker_extension_cls="colocate.refit.vllm_ext.ColocateRefitExtension")
-    llm.collective_rpc("colocate_bcast_open", args=(job, first_rank, world_size, timeout_s))
+    llm.collective_rpc("colocate_bcast_open", args=(job, first_rank, world_size, timeout_s),
+                       kwargs={"token": token})
     llm.collective_rpc("colocate_bcast_receive")      # the update task, paired with the sender's stream();
                                                       # the first one also joins the group
     llm.reset_prefix_cache()                          # cached KV came from the old weights
@@ -40,7 +41,7 @@ class BroadcastRefitExtension:
     def colocate_bcast_open(self, job: str, rank: int, world_size: int, timeout_s: float = 60.0,
                             record: bool = False, expected: Expected | None = None,
                             master: tuple[str, int] | None = None, connect: bool = False,
-                            connect_timeout_s: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
+                            connect_timeout_s: float = CONNECT_TIMEOUT_S, *, token: str) -> dict[str, Any]:
         """Set this worker up as group rank `rank + <its vLLM rank>`; returns that rank and its device.
 
         The group is joined at the first `colocate_bcast_receive` (the master address looked up then, so
@@ -51,7 +52,8 @@ class BroadcastRefitExtension:
         self._colocate_bcast_seen = {}
         my_rank = rank + int(getattr(self, "rank", 0))
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        self._colocate_bcast_args = dict(job=job, rank=my_rank, world_size=world_size, timeout_s=timeout_s,
+        self._colocate_bcast_args = dict(job=job, token=token, rank=my_rank, world_size=world_size,
+                                         timeout_s=timeout_s,
                                          expected=expected, master=master, device=device,
                                          connect_timeout_s=connect_timeout_s)
         if connect:
@@ -67,7 +69,7 @@ class BroadcastRefitExtension:
         master = a["master"] if a["master"] is not None else lookup_master(a["job"], a["connect_timeout_s"])
         receiver = BroadcastReceiver(
             master=(master[0], int(master[1])), rank=a["rank"], world_size=a["world_size"],
-            device=a["device"],
+            device=a["device"], token=a["token"],
             load_fn=self._colocate_bcast_load, timeout_s=a["timeout_s"], expected=a["expected"],
             connect_timeout_s=a["connect_timeout_s"],
             check_fn=lambda meta: vllm_engine.offer_mismatch(self, meta),

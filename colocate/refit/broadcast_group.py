@@ -4,15 +4,19 @@ bounded waits, and a failure on any rank raised on every rank. The protocol it c
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
+import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 
-from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError, remote_error
+from colocate.refit.errors import RefitAuthError, RefitError, RefitManifestError, RefitTimeoutError, remote_error
 from colocate.refit.plan import ManifestError
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,67 @@ CONNECT_TIMEOUT_S = 300.0
 
 def td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
+
+
+# ---- the rendezvous store: bound to one address, joined only with the job's token ---------------------------
+#
+# The sender's TCPStore is the group's rendezvous. It listens on the address given (the node's cluster
+# address, or loopback when every rank is on this node), never on all interfaces. A TCP store has no access
+# control of its own, so every rank proves the job's token before the group forms: the sender writes a
+# random nonce and HMAC(token, nonce|"sender"); a receiver checks that proof before joining and writes
+# HMAC(token, nonce|"rank/<r>"), which the sender checks for every rank before forming the group. A store
+# written by anyone without the token fails the join on the side that reads it, with RefitAuthError.
+
+def listening_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The master TCPStore, listening on `host` alone (torch's own server would bind every interface)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(max(16, 2 * world_size))
+        store = dist.TCPStore(host, sock.getsockname()[1], world_size, True, timeout=td(timeout_s),
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store's server owns the descriptor now and closes it when the store goes
+    return store
+
+
+def _proof(token: str, nonce: bytes, who: str) -> bytes:
+    return hmac.new(token.encode(), nonce + b"|" + who.encode(), hashlib.sha256).digest()
+
+
+def publish_sender_proof(store: dist.Store, token: str) -> None:
+    nonce = secrets.token_bytes(16)
+    store.set("auth/nonce", nonce)
+    store.set("auth/sender", _proof(token, nonce, "sender"))
+
+
+def check_sender_and_prove(store: dist.Store, token: str, rank: int) -> None:
+    """A receiver's half: the store must be this job's sender's; then prove the token for `rank`."""
+    nonce = store.get("auth/nonce")
+    if not hmac.compare_digest(store.get("auth/sender"), _proof(token, nonce, "sender")):
+        raise RefitAuthError(f"receiver rank {rank}: the broadcast store was not set up by this job's sender "
+                             "(its proof of the job token does not match)", side="receiver")
+    store.set(f"auth/rank/{rank}", _proof(token, nonce, f"rank/{rank}"))
+
+
+def check_receivers(store: dist.Store, token: str, world_size: int, timeout_s: float) -> None:
+    """The sender's half: every receiver rank proved the job token (waits up to `timeout_s` for them)."""
+    keys = [f"auth/rank/{r}" for r in range(1, world_size)]
+    try:
+        store.wait(keys, td(timeout_s))
+    except Exception as e:
+        raise RefitTimeoutError(f"sender: not every receiver joined within {timeout_s:.1f}s: {first_line(e)}",
+                                side="sender") from e
+    nonce = store.get("auth/nonce")
+    bad = [r for r in range(1, world_size)
+           if not hmac.compare_digest(store.get(f"auth/rank/{r}"), _proof(token, nonce, f"rank/{r}"))]
+    if bad:
+        raise RefitAuthError(f"sender: receiver ranks {bad} did not prove the job token (someone without it "
+                             "wrote to the group's store)", side="sender")
 
 
 def nccl_env(cumem: str) -> None:

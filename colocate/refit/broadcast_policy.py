@@ -20,8 +20,9 @@ from colocate.refit.sizing import buffer_bytes
 _SENDER = "_colocate_bcast_sender"
 
 
-def broadcast_weights(worker: Any, *, job: str, rank: int, world_size: int, buffer_size_mb: float | None,
-                      auto_fraction: float, timeout_s: float, dtype: str) -> dict[str, Any] | None:
+def broadcast_weights(worker: Any, *, job: str, token: str, rank: int, world_size: int,
+                      buffer_size_mb: float | None, auto_fraction: float, timeout_s: float,
+                      dtype: str) -> dict[str, Any] | None:
     torch_dtype = getattr(torch, dtype)
     weights = worker.iter_weights(torch_dtype)
     if rank != 0:
@@ -31,12 +32,20 @@ def broadcast_weights(worker: Any, *, job: str, rank: int, world_size: int, buff
     state = getattr(worker, _SENDER, None)
     if state is None:
         size = buffer_bytes(buffer_size_mb, worker.device, auto_fraction=auto_fraction)
-        sender = BroadcastSender(host=ray.util.get_node_ip_address(), world_size=world_size,
-                                 device=worker.device.type, buffer_bytes=size, timeout_s=timeout_s)
+        sender = BroadcastSender(host=store_host(), world_size=world_size, device=worker.device.type,
+                                 buffer_bytes=size, token=token, timeout_s=timeout_s)
         state = (sender, publish_master(job, sender.address))
         setattr(worker, _SENDER, state)
     meta = [(name, dtype_name(dt), tuple(shape)) for name, shape, dt in worker.weights_manifest(torch_dtype)]
     return asdict(state[0].stream(weights, meta))
+
+
+def store_host() -> str:
+    """Where the group's rendezvous store listens: loopback when the cluster is this one node, else this
+    node's cluster address (never every interface)."""
+    if sum(1 for node in ray.nodes() if node.get("Alive")) <= 1:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address()
 
 
 def close_broadcast_sender(worker: Any) -> None:

@@ -21,8 +21,15 @@ from colocate.refit.broadcast_frames import (
     frame_bytes,
     read_trailer,
 )
-from colocate.refit.broadcast_group import CONNECT_TIMEOUT_S, Group, first_line, nccl_env, td
-from colocate.refit.errors import RefitError, RefitTimeoutError
+from colocate.refit.broadcast_group import (
+    CONNECT_TIMEOUT_S,
+    Group,
+    check_sender_and_prove,
+    first_line,
+    nccl_env,
+    td,
+)
+from colocate.refit.errors import RefitAuthError, RefitError, RefitTimeoutError
 from colocate.refit.plan import (
     Bucket,
     CheckFn,
@@ -58,12 +65,13 @@ class BroadcastReceiver:
     bucket moves."""
 
     def __init__(self, *, master: tuple[str, int], rank: int, world_size: int, device: str, load_fn: LoadFn,
-                 begin_fn: Callable[[], None] | None = None, finish_fn: Callable[[], None] | None = None,
+                 token: str, begin_fn: Callable[[], None] | None = None, finish_fn: Callable[[], None] | None = None,
                  timeout_s: float = 60.0, expected: Expected | None = None, check_fn: CheckFn | None = None,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         if not 0 < rank < world_size:
             raise ValueError(f"receiver rank must be in 1..{world_size - 1}, got {rank}")
         self.master, self.rank, self.world_size = master, rank, world_size
+        self.token = token
         self.device = torch.device(device)
         self.load_fn, self.begin_fn, self.finish_fn = load_fn, begin_fn, finish_fn
         self.timeout_s = timeout_s
@@ -90,6 +98,9 @@ class BroadcastReceiver:
                                         timeout=td(self.connect_timeout_s), wait_for_workers=False)
             if self.device.type == "cuda":
                 nccl_env(self._store.get("nccl_cumem").decode())
+            check_sender_and_prove(self._store, self.token, self.rank)
+        except RefitAuthError:
+            raise
         except Exception as e:
             raise RefitTimeoutError(f"receiver rank {self.rank}: no sender's store at {host}:{port} within "
                                     f"{self.connect_timeout_s:.1f}s: {first_line(e)}",

@@ -22,7 +22,15 @@ from colocate.refit.broadcast_frames import (
     trailer_words,
     write_trailer,
 )
-from colocate.refit.broadcast_group import CONNECT_TIMEOUT_S, CUMEM_DEFAULT, Group, nccl_env, td
+from colocate.refit.broadcast_group import (
+    CONNECT_TIMEOUT_S,
+    CUMEM_DEFAULT,
+    Group,
+    check_receivers,
+    listening_store,
+    nccl_env,
+    publish_sender_proof,
+)
 from colocate.refit.errors import RefitError
 from colocate.refit.plan import Manifest, ManifestError, Meta, next_matching, plan
 from colocate.refit.sender import StreamStats, timed
@@ -43,8 +51,11 @@ class BroadcastSender:
     The store listens at construction (`address`: publish it, e.g. `publish_master`); the group forms in
     `connect()` (or the first `stream()`), which waits for every receiver to join."""
 
-    def __init__(self, *, host: str, world_size: int, device: str, buffer_bytes: int, timeout_s: float = 60.0,
-                 overlap: bool = True, port: int = 0, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    def __init__(self, *, host: str, world_size: int, device: str, buffer_bytes: int, token: str,
+                 timeout_s: float = 60.0, overlap: bool = True, port: int = 0,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """`host`: the address the rendezvous store listens on (this node's cluster address, or loopback when
+        every rank is here). `token`: the job's secret, proven by every rank before the group forms."""
         if world_size < 2:
             raise ValueError(f"world_size must count the sender and at least one receiver, got {world_size}")
         self.world_size = world_size
@@ -53,9 +64,10 @@ class BroadcastSender:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.overlap = overlap
-        self._store = dist.TCPStore(host, port, world_size, True, timeout=td(connect_timeout_s),
-                                    wait_for_workers=False)
+        self.token = token
+        self._store = listening_store(host, port, world_size, connect_timeout_s)
         self.address = (host, self._store.port)
+        publish_sender_proof(self._store, token)
         if self.device.type == "cuda":
             cumem = os.environ.get("NCCL_CUMEM_ENABLE", CUMEM_DEFAULT)
             nccl_env(cumem)
@@ -73,6 +85,7 @@ class BroadcastSender:
 
     def connect(self) -> None:
         if self._group is None:
+            check_receivers(self._store, self.token, self.world_size, self.connect_timeout_s)
             self._group = Group(store=self._store, rank=0, world_size=self.world_size, device=self.device,
                                 timeout_s=self.timeout_s, connect_timeout_s=self.connect_timeout_s)
             self._sent_digest = None

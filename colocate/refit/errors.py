@@ -25,6 +25,10 @@ class RefitPeerDiedError(RefitError):
     knows, not after the other side's timeout."""
 
 
+class RefitAuthError(RefitError):
+    """A peer did not prove the job's token: someone else wrote to the group's rendezvous store."""
+
+
 class RefitRemoteError(RefitError):
     """The peer raised; its traceback is attached."""
 

@@ -39,13 +39,14 @@ class CheckpointBroadcaster:
     """Policy rank 0 of a split placement: publishes its address under the job, then broadcasts checkpoints
     to every engine at once (the group forms inside the first `stream`)."""
 
-    def __init__(self, *, job: str, world_size: int, timeout_s: float, buffer_bytes: int = 64 << 10,
+    def __init__(self, *, job: str, token: str, world_size: int, timeout_s: float, buffer_bytes: int = 64 << 10,
                  device: str = "cpu") -> None:
         from colocate.refit.broadcast import BroadcastSender, publish_master
 
         self.device = device
         self.sender = BroadcastSender(host=ray.util.get_node_ip_address(), world_size=world_size, device=device,
-                                      buffer_bytes=buffer_bytes, timeout_s=timeout_s, connect_timeout_s=timeout_s)
+                                      buffer_bytes=buffer_bytes, token=token, timeout_s=timeout_s,
+                                      connect_timeout_s=timeout_s)
         publish_master(job, self.sender.address)
 
     def stream(self, checkpoint: str) -> dict:

@@ -84,9 +84,10 @@ def test_broadcast_refit_into_the_async_engine(group, models):
     tok = AutoTokenizer.from_pretrained(models[0])
     prompt_ids = [tok(p)["input_ids"] for p in FIRST]
     job = "test-generation-async-bcast"
-    [info] = group.open_broadcast(job, world_size=2, timeout_s=TIMEOUT, connect_timeout_s=TIMEOUT)
+    token = new_token()
+    [info] = group.open_broadcast(job, token=token, world_size=2, timeout_s=TIMEOUT, connect_timeout_s=TIMEOUT)
     assert info["rank"] == 1
-    sender = CheckpointBroadcaster.remote(job=job, world_size=2, timeout_s=TIMEOUT)
+    sender = CheckpointBroadcaster.remote(job=job, token=token, world_size=2, timeout_s=TIMEOUT)
     before = group.weight_versions()[0]
     await_refit({"sender": [sender.stream.remote(models[0])], "receiver": group.receive_broadcast_futures()},
                 timeout_s=2 * TIMEOUT)

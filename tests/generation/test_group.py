@@ -139,9 +139,10 @@ def test_failed_refit_blocks_generation_until_the_next_one(group, refit_pair, mo
 def test_broadcast_refit(group, models, prompt_ids):
     """Split placement's transport into the same engines: one sender broadcasts to both."""
     job = "test-generation-group-bcast"
-    infos = group.open_broadcast(job, world_size=3, timeout_s=TIMEOUT, connect_timeout_s=TIMEOUT)
+    token = new_token()
+    infos = group.open_broadcast(job, token=token, world_size=3, timeout_s=TIMEOUT, connect_timeout_s=TIMEOUT)
     assert [i["rank"] for i in infos] == [1, 2]
-    sender = CheckpointBroadcaster.remote(job=job, world_size=3, timeout_s=TIMEOUT)
+    sender = CheckpointBroadcaster.remote(job=job, token=token, world_size=3, timeout_s=TIMEOUT)
     before = group.weight_versions()
     for seed in (1, 0):  # there and back, in the same group
         out = await_refit({"sender": [sender.stream.remote(models[seed])],

@@ -10,7 +10,7 @@ import time
 import pytest
 import ray
 
-from colocate.refit.errors import RefitError, RefitManifestError, RefitPeerDiedError
+from colocate.refit.errors import RefitError, RefitManifestError, RefitPeerDiedError, RefitTimeoutError
 from colocate.refit.futures import await_refit
 from colocate.refit.jobdir import new_job_dir, new_token
 from colocate.refit.vllm_ext import fingerprint
@@ -120,4 +120,27 @@ def test_a_killed_engine_is_reported_at_once_not_after_the_refit_timeout(pair, m
     with pytest.raises(RefitPeerDiedError, match="refit failed on the receiver side"):
         await_refit(futures, timeout_s=180.0)
     assert time.perf_counter() - t < 30.0  # well before the sender's own 60 s timeout
+    ray.kill(sender)
+
+
+def test_a_stalled_engine_is_reported_within_the_timeout_and_a_few_seconds(pair, models):
+    """SIGSTOP of the engine mid-refit: the sender gives up after its `timeout_s` (no ack), and the driver
+    raises then, not after its own, longer bound."""
+    timeout_s = 5.0
+    job, job_dir, token = "test-refit-stall", new_job_dir(), new_token()
+    rendezvous = get_rendezvous(job)  # noqa: F841  (held: the actors look each other up through it)
+    engine = EngineActor.remote(models[0], job, job_dir, token, timeout_s)
+    pid = ray.get(engine.pid.remote())  # registered: the sender's lookup is bounded by `timeout_s` too
+    sender = SenderActor.remote(job, job_dir, token, timeout_s, 64 << 10)
+    futures = {"sender": [sender.stream.remote(models[1], delay_s=0.1)], "receiver": [engine.receive.remote()]}
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGSTOP)
+    t = time.perf_counter()
+    try:
+        with pytest.raises(RefitTimeoutError, match="refit failed on the sender side"):
+            await_refit(futures, timeout_s=20 * timeout_s)
+        assert time.perf_counter() - t < timeout_s + 5.0 + 2.0  # the issue's bound, with 2 s of slack
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ray.kill(engine)
     ray.kill(sender)

@@ -60,7 +60,11 @@ def await_refit(futures: dict[str, list[ray.ObjectRef]], timeout_s: float) -> di
         if pending:
             msg += f" (still running: {', '.join(sorted({side_of[r] for r in pending}))})"
         cause = getattr(e, "cause", None)
-        cls = RefitPeerDiedError if isinstance(e, ray.exceptions.RayActorError) else RefitError
+        # The origin's own named class (a timeout stays a RefitTimeoutError), or RefitPeerDiedError.
+        if isinstance(e, ray.exceptions.RayActorError):
+            cls: type[RefitError] = RefitPeerDiedError
+        else:
+            cls = type(cause) if isinstance(cause, RefitError) else RefitError
         raise cls(f"{msg}: {e}", side=side) from (cause or e)
     if pending:
         stuck = sorted({side_of[r] for r in pending})

@@ -87,7 +87,7 @@ class SenderActor:
 
 
 def fingerprint_all(checkpoint: str) -> dict[str, str]:
-    from colocate.refit.vllm_ext import fingerprint
+    from colocate.refit.checksum import fingerprint
 
     return {n: fingerprint(t) for n, t in load_file(os.path.join(checkpoint, "model.safetensors")).items()}
 

@@ -25,10 +25,10 @@ from colocate.refit.broadcast_frames import (
     words_digest,
 )
 from colocate.refit.broadcast_group import td
+from colocate.refit.checksum import fingerprint
 from colocate.refit.errors import RefitAuthError, RefitError, RefitManifestError, RefitTimeoutError
 from colocate.refit.futures import await_refit
 from colocate.refit.plan import ManifestError, manifest_mismatch, plan, tensor_meta
-from colocate.refit.vllm_ext import fingerprint
 from colocate.rendezvous import get_rendezvous
 from tests import broadcast_actors, hf_reference
 from tests.broadcast_actors import EngineActor, SenderActor, checkpoint_tensors, expected_meta, to_bytes

@@ -74,8 +74,8 @@ def _gpu_sender(conn, address, job_dir, token):
     """Streams the checkpoint at each path it is sent (CUDA IPC needs two processes), replies fingerprints."""
     from safetensors.torch import load_file
 
+    from colocate.refit.checksum import fingerprint
     from colocate.refit.sender import RefitSender
-    from colocate.refit.vllm_ext import fingerprint
 
     sender = RefitSender(address=address, token=token, job_dir=job_dir, device="cuda", buffer_bytes=1 << 20,
                          timeout_s=60)

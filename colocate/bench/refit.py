@@ -167,9 +167,9 @@ def trainer_main(conn, args: dict[str, Any]) -> None:
 
 
 def _trainer(conn, a: dict[str, Any]) -> None:
+    from colocate.refit.checksum import fingerprint
     from colocate.refit.plan import tensor_meta
     from colocate.refit.sender import RefitSender
-    from colocate.refit.vllm_ext import fingerprint
 
     device, repeats = a["device"], a["repeats"]
     if device == "cuda":

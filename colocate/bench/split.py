@@ -134,8 +134,8 @@ def sender_main(conn, a: dict[str, Any]) -> None:
 
 def _sender(conn, a: dict[str, Any]) -> None:
     from colocate.refit.broadcast import BroadcastSender
+    from colocate.refit.checksum import fingerprint
     from colocate.refit.plan import tensor_meta
-    from colocate.refit.vllm_ext import fingerprint
 
     device = "cuda:0" if a["device"] == "cuda" else "cpu"
     tensors = _make_tensors(a["meta"], getattr(torch, a["dtype"]), device, seed=1)

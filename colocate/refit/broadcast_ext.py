@@ -82,7 +82,7 @@ class BroadcastRefitExtension:
 
     def _colocate_bcast_load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         if self._colocate_bcast_record:
-            from colocate.refit.vllm_ext import fingerprint  # vllm_ext imports this module
+            from colocate.refit.checksum import fingerprint
 
             self._colocate_bcast_seen.update((n, fingerprint(t)) for n, t in weights)
         vllm_engine.load_weights_into_worker(self, weights)

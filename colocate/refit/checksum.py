@@ -1,6 +1,9 @@
-"""Per-tensor checksums for the optional verification mode: cheap on any device, computed in place."""
+"""Per-tensor checksums for the optional verification mode (cheap on any device, computed in place), and
+fingerprints of what reached an engine, for the tests and benchmarks that check it."""
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -17,3 +20,11 @@ def checksum(data_u8: torch.Tensor) -> int:
     if n > words:
         total = total + data_u8[words:].sum(dtype=torch.int64)
     return int(total.item())
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """Exact on CPU (sha256 of the bytes); on GPU the on-device word sum, to keep 16 GB on the device."""
+    if t.is_cuda:
+        return f"sum:{checksum(t.contiguous().view(-1).view(torch.uint8))}"
+    flat = t.detach().contiguous().view(-1)
+    return "sha256:" + hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()

@@ -14,7 +14,6 @@ because the worker has its own `update_weights` and friends, and vLLM refuses an
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict
 from typing import Any
 
@@ -22,16 +21,8 @@ import torch
 
 from colocate.engine import vllm_engine
 from colocate.refit.broadcast_ext import BroadcastRefitExtension
-from colocate.refit.checksum import checksum
+from colocate.refit.checksum import fingerprint
 from colocate.refit.receiver import RefitReceiver
-
-
-def fingerprint(t: torch.Tensor) -> str:
-    """Exact on CPU (sha256 of the bytes); on GPU the on-device word sum, to keep 16 GB on the device."""
-    if t.is_cuda:
-        return f"sum:{checksum(t.contiguous().view(-1).view(torch.uint8))}"
-    flat = t.detach().contiguous().view(-1)
-    return "sha256:" + hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
 
 
 class ColocateRefitExtension(BroadcastRefitExtension):

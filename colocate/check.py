@@ -112,7 +112,9 @@ def _hf_reference(model_dir: str, prompt_ids: list[list[int]], responses: list[l
     with torch.no_grad():
         for ids, resp in zip(prompt_ids, responses, strict=True):
             x = torch.tensor([ids], device=device)
+            # Plain greedy, as the engine decodes: no penalty a checkpoint's generation_config may set.
             y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_tokens,
+                               repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
                                pad_token_id=model.config.eos_token_id)
             greedy.append(y[0, len(ids):].tolist())
             full = torch.tensor([ids + resp], device=device)

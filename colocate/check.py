@@ -67,11 +67,11 @@ def policy_offer(model_dir: str, dtype: torch.dtype) -> list[tuple[str, str, tup
     from transformers import AutoModelForCausalLM
 
     from colocate.policy.weights import weights_manifest
-    from colocate.refit.plan import dtype_name
+    from colocate.refit.plan import manifest_meta_of
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_config(model_dir), dtype=dtype)
-    return [(n, dtype_name(d), s) for n, s, d in weights_manifest(model, dtype)]
+    return manifest_meta_of(weights_manifest(model, dtype))
 
 
 def static_check(model_dir: str) -> tuple[OfferCheck, int]:

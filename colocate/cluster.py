@@ -141,9 +141,9 @@ def check_refit_exact(policy: Any, generation: Any, dtype: str) -> None:
     import torch
 
     from colocate.models.checkpoint_format import UnsupportedModelError
-    from colocate.refit.plan import dtype_name
+    from colocate.refit.plan import manifest_meta_of
 
-    offer = [(n, dtype_name(d), s) for n, s, d in policy.weights_manifest(getattr(torch, dtype))]
+    offer = manifest_meta_of(policy.weights_manifest(getattr(torch, dtype)))
     for report in generation.check_offer(offer):
         if not report["ok"]:
             raise UnsupportedModelError(f"a refit of this model would not be exact: {report['summary']}")

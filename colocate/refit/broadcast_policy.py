@@ -14,7 +14,7 @@ import ray
 import torch
 
 from colocate.refit.broadcast import BroadcastSender, publish_master
-from colocate.refit.plan import dtype_name
+from colocate.refit.plan import manifest_meta_of
 from colocate.refit.sizing import buffer_bytes
 
 _SENDER = "_colocate_bcast_sender"
@@ -36,7 +36,7 @@ def broadcast_weights(worker: Any, *, job: str, token: str, rank: int, world_siz
                                  buffer_bytes=size, token=token, timeout_s=timeout_s)
         state = (sender, publish_master(job, sender.address))
         setattr(worker, _SENDER, state)
-    meta = [(name, dtype_name(dt), tuple(shape)) for name, shape, dt in worker.weights_manifest(torch_dtype)]
+    meta = manifest_meta_of(worker.weights_manifest(torch_dtype))
     return asdict(state[0].stream(weights, meta))
 
 

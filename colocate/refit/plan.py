@@ -108,6 +108,12 @@ Meta = Sequence[tuple[str, str, tuple[int, ...]]]
 CheckFn = Callable[[Meta], "str | None"]
 
 
+def manifest_meta_of(entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]]
+                     ) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Meta from a policy's `weights_manifest` rows, (name, shape, torch dtype): what a refit offers."""
+    return [(n, dtype_name(d), tuple(s)) for n, s, d in entries]
+
+
 def tensor_meta(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype name, shape) of each tensor, without touching its data."""
     return [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named]

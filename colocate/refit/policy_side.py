@@ -14,7 +14,7 @@ from typing import Any
 import ray
 import torch
 
-from colocate.refit.plan import dtype_name
+from colocate.refit.plan import manifest_meta_of
 from colocate.refit.sender import RefitSender
 from colocate.refit.sizing import buffer_bytes
 from colocate.rendezvous import device_key, get_rendezvous
@@ -48,7 +48,7 @@ def stream_weights(worker: Any, *, job: str, job_dir: str, token: str, slot: int
         sender = RefitSender(address=address, token=token, job_dir=job_dir, device=worker.device.type,
                              buffer_bytes=size, timeout_s=timeout_s)
         setattr(worker, _SENDER, sender)
-    meta = [(name, dtype_name(dt), tuple(shape)) for name, shape, dt in worker.weights_manifest(torch_dtype)]
+    meta = manifest_meta_of(worker.weights_manifest(torch_dtype))
     return asdict(sender.stream(weights, meta))
 
 

@@ -134,7 +134,7 @@ def _prompt_ids(model_dir: str) -> list[list[int]]:
 
 
 def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_tokens: int,
-                seed: int = 0, verbose: bool = False) -> dict[str, Any]:
+                seed: int = 0, timeout_s: float = 120.0, verbose: bool = False) -> dict[str, Any]:
     """One transport end to end (see the module docstring); a table row."""
     from colocate import cluster as clusters
     from colocate.config import Config
@@ -149,7 +149,7 @@ def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_
     cfg.generation.max_model_len = 256
     cfg.refit.transport = transport
     cfg.refit.buffer_size_mb = 1.0  # many buckets, and fused parameters split across them
-    cfg.refit.timeout_s = 120.0
+    cfg.refit.timeout_s = timeout_s
     row: dict[str, Any] = {"check": f"refit over {transport}", "device": device, "dtype": dtype}
     clusters.connect("local", cfg.placement.num_cpus, log_to_driver=verbose)
     say = functools.partial(print, f"[{Path(model_dir).name} {transport}]", file=sys.stderr, flush=True)
@@ -201,7 +201,8 @@ def run(model_dir: str, args: argparse.Namespace) -> Report:
                 continue
             try:
                 row = refit_check(model_dir, device=args.device, transport=transport, dtype=args.dtype,
-                                  max_tokens=args.max_tokens, verbose=args.verbose)
+                                  max_tokens=args.max_tokens, timeout_s=args.timeout_s,
+                                  verbose=args.verbose)
             except Exception as e:  # a refused or failed refit is a mismatch, said in one line
                 row = {"check": f"refit over {transport}", "ok": False,
                        "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=sorted(LOGPROB_TOL),
                    help="policy and engine dtype for --refit (float32: exactness, not bf16 rounding, is checked)")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--timeout-s", type=float, default=120.0, help="the refit's timeout (a stalled peer)")
     p.add_argument("--json", help="write the reports here")
     p.add_argument("--verbose", action="store_true", help="show the policy's and the engines' logs")
     args = p.parse_args(argv)

@@ -94,6 +94,7 @@ def dims_from_hf_config(config: Any) -> Dims:
         raise MegatronModelError("attention_bias", "an o_proj bias has no place in Megatron's qkv-only bias")
     if getattr(config, "mlp_bias", False):
         raise MegatronModelError("mlp_bias", "MLP biases are not converted")
+    rope_theta(config)  # refuses scaled RoPE variants
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     if num_heads % num_kv_heads:
@@ -110,6 +111,17 @@ def dims_from_hf_config(config: Any) -> Dims:
         qk_norm=model_type == "qwen3",
         tied=bool(getattr(config, "tie_word_embeddings", False)),
     )
+
+
+def rope_theta(config: Any) -> float:
+    """The rotary base of plain RoPE (transformers 5 `rope_parameters`, or 4.x `rope_theta`); any scaled variant
+    (Llama-3.1's, YaRN, ...) is refused: the Megatron model is built with plain RoPE only."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    for kind in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+        if kind not in (None, "default"):
+            raise MegatronModelError("rope_scaling", f"rope type {kind!r}: only plain RoPE is converted")
+    return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
 
 
 @dataclass(frozen=True)

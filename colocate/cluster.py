@@ -175,8 +175,11 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
     # The driver creates the job's rendezvous actor and holds it for the whole run: a named actor that is
     # not detached ends when its creator drops its last handle.
     cluster.rendezvous = get_rendezvous(job)
+    backend_kwargs = {} if pol.backend == "fsdp2" else {
+        "tensor_parallel_size": pol.tensor_parallel_size, "pipeline_parallel_size": pol.pipeline_parallel_size}
     try:
         cluster.policy = PolicyGroup(
+            backend=pol.backend, **backend_kwargs,
             num_workers=n_pol, num_cpus_per_worker=share, num_gpus_per_worker=share if on_gpu else 0,
             placement_group=pg, bundle_indices=pol_bundles,
             model_path=model_path, device=p.device, lr=pol.lr, weight_decay=pol.weight_decay,

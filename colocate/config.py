@@ -43,6 +43,12 @@ class ModelConfig:
 
 @dataclass
 class PolicyConfig:
+    backend: str = "fsdp2"
+    """"fsdp2" (PyTorch FSDP2, CPU or CUDA) or "megatron" (Megatron-core, CUDA only: `conf/policy/megatron.yaml`)."""
+    tensor_parallel_size: int = 1
+    """Megatron only: ranks each layer's matrices are split over (must divide heads, MLP width, vocabulary)."""
+    pipeline_parallel_size: int = 1
+    """Megatron only: pipeline stages the layers are split over; tp * pp must divide `placement.policy_workers`."""
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -157,6 +163,19 @@ class ConfigError(ValueError):
     """An impossible or inconsistent configuration, found before any actor starts."""
 
 
+def check_policy_parallel(pol: PolicyConfig, policy_workers: int) -> None:
+    """The backend and its parallel sizes, as far as they can be judged without the model."""
+    if pol.backend not in ("fsdp2", "megatron"):
+        raise ConfigError(f"policy.backend must be 'fsdp2' or 'megatron', got {pol.backend!r}")
+    tp, pp = pol.tensor_parallel_size, pol.pipeline_parallel_size
+    if pol.backend == "fsdp2" and (tp, pp) != (1, 1):
+        raise ConfigError(f"policy.tensor_parallel_size={tp} and pipeline_parallel_size={pp}: FSDP2 shards "
+                          "data-parallel only; use policy=megatron for tensor or pipeline parallelism")
+    if tp < 1 or pp < 1 or policy_workers % (tp * pp):
+        raise ConfigError(f"placement.policy_workers={policy_workers} is not a multiple of "
+                          f"policy.tensor_parallel_size * pipeline_parallel_size = {tp} * {pp}")
+
+
 def check(cfg: Config, *, cluster_devices: int) -> str:
     """Validate the placement against the cluster; returns the refit transport to use."""
     p = cfg.placement
@@ -174,6 +193,7 @@ def check(cfg: Config, *, cluster_devices: int) -> str:
                               f"generation_workers={p.generation_workers}); the cluster has {cluster_devices}")
         if p.mode == "split" and cluster_devices < 2:
             raise ConfigError("placement 'split' needs at least 2 GPUs: one cluster device cannot be split")
+    check_policy_parallel(cfg.policy, p.policy_workers)
     if cfg.generation.sleep_level not in (1, 2):
         raise ConfigError(f"generation.sleep_level must be 1 or 2, got {cfg.generation.sleep_level}")
     transport = cfg.refit.transport

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from colocate.config import ROOT, Config, register
+from colocate.config import ROOT, Config, check_policy_parallel, register
 
 register()
 log = logging.getLogger("colocate")
@@ -36,6 +36,22 @@ def check_model(model_path: str, *, allow_unverified: bool) -> None:
     check_supported(AutoConfig.from_pretrained(model_path), allow_unverified=allow_unverified)
 
 
+def check_policy(cfg: Config, model_path: str | None = None) -> None:
+    """The policy backend can run here, and (once the model is known) on this model: before Ray starts.
+    Without `model_path` only what the config alone decides; a missing megatron-core or CUDA fails in ~1 s."""
+    pol = cfg.policy
+    check_policy_parallel(pol, cfg.placement.policy_workers)
+    if pol.backend != "megatron":
+        return
+    from colocate.policy.megatron import preflight
+
+    if model_path is None:
+        preflight.check_available(cfg.placement.device)
+    else:
+        preflight.check_model_layout(model_path, tp_size=pol.tensor_parallel_size,
+                                     pp_size=pol.pipeline_parallel_size, world_size=cfg.placement.policy_workers)
+
+
 def main(dcfg: DictConfig) -> dict:
     cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -45,11 +61,13 @@ def main(dcfg: DictConfig) -> dict:
 
         return run_refit_bench(cfg, out_dir)
 
+    check_policy(cfg)  # before anything is built
     from colocate import cluster as clusters
     from colocate.train import train
 
     model_path = resolve_model(cfg, out_dir)
     check_model(model_path, allow_unverified=cfg.model.allow_unverified)  # before Ray or any actor starts
+    check_policy(cfg, model_path)
     clusters.connect(cfg.placement.ray_address, cfg.placement.num_cpus)
     cluster = clusters.build(cfg, model_path, job=out_dir.name)
     try:

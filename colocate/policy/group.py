@@ -1,12 +1,15 @@
-"""The FSDP2 policy as a group of Ray actors, one `PolicyWorker` per rank, driven from the trainer.
+"""The policy as a group of Ray actors, one worker per rank (FSDP2 `PolicyWorker` or `MegatronPolicyWorker`),
+driven from the trainer.
 
 Every call fans out to all ranks (the worker methods are collectives) and waits for all of them. The first
 rank to fail ends the wait with a `PolicyError` naming that rank and carrying its remote traceback; it does
 not wait on the ranks that are then stuck in a collective with the dead one. After a `PolicyError` the
 group is unusable (its process group is broken): shut it down and build a new one.
 
-Batches are cut along the batch dimension into `num_workers` equal, contiguous shares, rank r getting the
-r-th; results that are per sequence come back concatenated in the same order.
+Batches are cut along the batch dimension into one equal, contiguous share per data-parallel rank; results that
+are per sequence come back concatenated in the same order. FSDP2 ranks are all data-parallel (rank r gets share
+r); Megatron ranks of one tensor / pipeline group share a data-parallel rank and get the same share
+(`megatron.layout.rank_coords`), and the first rank of each group answers for it.
 
 Shape legend: B = sequences, T = tokens per sequence.
 """
@@ -22,8 +25,21 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from colocate.placement import bundle_strategies
+from colocate.policy.megatron.layout import rank_coords
 from colocate.policy.weights import ManifestEntry
-from colocate.policy.worker import PolicyWorker
+
+
+def worker_class(backend: str) -> type:
+    """The worker class of a policy backend; the Megatron one is imported only when asked for."""
+    if backend == "fsdp2":
+        from colocate.policy.worker import PolicyWorker
+
+        return PolicyWorker
+    if backend == "megatron":
+        from colocate.policy.megatron.worker import MegatronPolicyWorker
+
+        return MegatronPolicyWorker
+    raise ValueError(f"policy backend must be 'fsdp2' or 'megatron', got {backend!r}")
 
 
 class PolicyError(RuntimeError):
@@ -45,7 +61,9 @@ def _free_endpoint() -> tuple[str, str, int]:
 
 
 class PolicyGroup:
-    """`num_workers` FSDP2 ranks as Ray actors; `worker_kwargs` go to every `PolicyWorker` unchanged."""
+    """`num_workers` policy ranks as Ray actors: `backend` "fsdp2" (`PolicyWorker`) or "megatron"
+    (`MegatronPolicyWorker`, which also takes `tensor_parallel_size` and `pipeline_parallel_size`);
+    `worker_kwargs` go to every worker unchanged."""
 
     def __init__(
         self,
@@ -57,18 +75,24 @@ class PolicyGroup:
         bundle_indices: Sequence[int] | None = None,
         env_vars: dict[str, str] | None = None,
         call_timeout_s: float | None = None,
+        backend: str = "fsdp2",
         **worker_kwargs: Any,
     ) -> None:
         strategies = bundle_strategies(num_workers, placement_group, bundle_indices)
         self.num_workers = num_workers
         self.call_timeout_s = call_timeout_s
+        tp, pp = worker_kwargs.get("tensor_parallel_size", 1), worker_kwargs.get("pipeline_parallel_size", 1)
+        # Which batch share each rank takes, and the rank that answers for each share.
+        self.share_of = [rank_coords(r, tp_size=tp, pp_size=pp, world_size=num_workers).dp for r in range(num_workers)]
+        self.num_shares = num_workers // (tp * pp)
+        self.answering = [self.share_of.index(share) for share in range(self.num_shares)]
 
         # The rendezvous port must be free on rank 0's node, so look for it there: in rank 0's bundle, or
         # anywhere and then pin rank 0 to the node that answered.
         probe = ray.remote(num_cpus=0)(_free_endpoint).options(scheduling_strategy=strategies[0])
         node_id, master_addr, master_port = ray.get(probe.remote())
 
-        actor_cls = ray.remote(PolicyWorker)
+        actor_cls = ray.remote(worker_class(backend))
         self.workers = []
         for rank in range(num_workers):
             scheduling: Any = strategies[rank]
@@ -129,23 +153,25 @@ class PolicyGroup:
         return self._wait(refs, method)
 
     def _split(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if tensor.shape[0] % self.num_workers:
+        if tensor.shape[0] % self.num_shares:
             raise ValueError(
-                f"batch of {tensor.shape[0]} does not split evenly over {self.num_workers} ranks"
+                f"batch of {tensor.shape[0]} does not split evenly over {self.num_shares} data-parallel ranks"
             )
-        return torch.tensor_split(tensor, self.num_workers)
+        return torch.tensor_split(tensor, self.num_shares)
 
     # ---------------------------------------------------------------- the worker's API
 
     def logprobs(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
         """`PolicyWorker.logprobs` of the whole batch, split over ranks: [B, T] fp32."""
         shares = list(zip(self._split(input_ids_BT), self._split(attention_mask_BT), strict=True))
-        return torch.cat(self._run_split("logprobs", shares))
+        out = self._run_split("logprobs", [shares[self.share_of[r]] for r in range(self.num_workers)])
+        return torch.cat([out[r] for r in self.answering])
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step on the whole batch; the metrics of the global batch (the same on every rank)."""
         split = {key: self._split(value) for key, value in batch.items()}
-        shares = [({key: parts[rank] for key, parts in split.items()},) for rank in range(self.num_workers)]
+        shares = [({key: parts[self.share_of[rank]] for key, parts in split.items()},)
+                  for rank in range(self.num_workers)]
         return self._run_split("train_step", shares)[0]
 
     def offload(self, include_params: bool = True) -> None:

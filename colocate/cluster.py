@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +20,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from colocate.config import Config, ConfigError, check
-from colocate.refit.futures import await_refit
-from colocate.refit.jobdir import new_job_dir, new_token
-from colocate.refit.policy_side import close_sender, stream_weights
+from colocate.refit.driver import run_refit
+from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from colocate.rendezvous import get_rendezvous
 
 log = logging.getLogger(__name__)
@@ -34,10 +32,10 @@ def actor_env() -> dict[str, str]:
 
     NCCL_CUMEM_ENABLE: NCCL reads it once per process, at its first communicator. The policy's FSDP group
     comes first in its process and vLLM pins it to 0 in the engine's; a broadcast refit between ranks that
-    disagree cannot open each other's buffers (`refit/broadcast_group.py`), so every actor starts with the
+    disagree cannot open each other's buffers (`refit/nccl/group.py`), so every actor starts with the
     value the broadcast group uses.
     """
-    from colocate.refit.broadcast_group import CUMEM_DEFAULT
+    from colocate.refit.nccl.group import CUMEM_DEFAULT
 
     return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
             "NCCL_CUMEM_ENABLE": os.environ.get("NCCL_CUMEM_ENABLE", CUMEM_DEFAULT)}
@@ -82,50 +80,18 @@ class Cluster:
     job_dir: str
     token: str
     rendezvous: Any = None
+    refits: int = 0
 
     def refit(self) -> dict[str, float]:
-        """Policy -> every engine, both sides' tasks launched together; the time it took, and its parts
-        (the slowest sender's gather / pack / wait for acks, the slowest engine's load), in ms."""
-        t = time.perf_counter()
-        r = self.cfg.refit
-        n_gen = self.cfg.placement.generation_workers
-        dtype = self.cfg.generation.dtype
-        if self.transport == "zmq":
-            senders = [w.execute.remote(stream_weights, job=self.job, job_dir=self.job_dir, token=self.token,
-                                        slot=rank if rank < n_gen else None, buffer_size_mb=r.buffer_size_mb,
-                                        auto_fraction=r.auto_fraction, timeout_s=r.timeout_s, dtype=dtype)
-                       for rank, w in enumerate(self.policy.workers)]
-            receivers = self.generation.receive_refit_futures()
-        else:
-            from colocate.refit.broadcast_policy import broadcast_weights
-
-            senders = [w.execute.remote(broadcast_weights, job=self.job, token=self.token, rank=rank,
-                                        world_size=n_gen + 1,
-                                        buffer_size_mb=r.buffer_size_mb, auto_fraction=r.auto_fraction,
-                                        timeout_s=r.timeout_s, dtype=dtype)
-                       for rank, w in enumerate(self.policy.workers)]
-            receivers = self.generation.receive_broadcast_futures()
-        out = await_refit({"sender": senders, "receiver": receivers}, timeout_s=3 * r.timeout_s)
-        parts = {"refit_ms": (time.perf_counter() - t) * 1e3}
-        sent = [s for s in out["sender"] if s]
-        for key in ("gather_seconds", "pack_seconds", "wait_seconds"):
-            if sent and key in sent[0]:
-                parts[f"refit_{key.split('_')[0]}_ms"] = max(s[key] for s in sent) * 1e3
-        got = [s for s in out["receiver"] if s and "load_seconds" in s]
-        if got:
-            parts["refit_load_ms"] = max(s["load_seconds"] for s in got) * 1e3
-        return parts
+        """Policy -> every engine (`refit/driver.py`); the time it took and its parts, in ms."""
+        self.refits += 1
+        return run_refit(self.policy.workers, self.generation, job=self.job, refit=self.refits,
+                         timeout_s=self.cfg.refit.timeout_s)
 
     def close(self) -> None:
-        try:
-            if self.policy is not None and self.transport == "zmq":
-                self.policy.execute(close_sender)
-            elif self.policy is not None:
-                from colocate.refit.broadcast_policy import close_broadcast_sender
-
-                self.policy.execute(close_broadcast_sender)
-        except Exception:  # closing after a failure: the actors may be gone
-            pass
+        if self.policy is not None:
+            with contextlib.suppress(Exception):  # closing after a failure: the actors may be gone
+                self.policy.close_refit()
         for group in (self.generation, self.policy):
             if group is not None:
                 with contextlib.suppress(Exception):
@@ -196,10 +162,15 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
             enforce_eager=g.enforce_eager, engine=g.engine, enable_sleep_mode=g.sleep and on_gpu, seed=g.seed,
         )
         check_refit_exact(cluster.policy, cluster.generation, g.dtype)
-        if transport == "zmq":
-            cluster.generation.open_refit(job, job_dir, token, cfg.refit.timeout_s)
-        else:
-            cluster.generation.open_broadcast(job, token=token, world_size=n_gen + 1, timeout_s=cfg.refit.timeout_s)
+        # Engines first: over zmq each policy rank looks its engine's receiver up when it opens.
+        r = cfg.refit
+        cluster.generation.open_refit(transport, job=job, token=token, timeout_s=r.timeout_s, job_dir=job_dir)
+        streams = [rank < n_gen if transport == "zmq" else rank == 0 for rank in range(n_pol)]
+        cluster.policy.open_refit([
+            dict(transport=transport, job=job, token=token, dtype=g.dtype, streams=streams[rank],
+                 buffer_size_mb=r.buffer_size_mb, auto_fraction=r.auto_fraction, timeout_s=r.timeout_s,
+                 job_dir=job_dir, device_slot=rank, world_size=1 + n_gen * cluster.generation.tensor_parallel_size)
+            for rank in range(n_pol)])
     except BaseException:
         cluster.close()
         raise

@@ -1,13 +1,17 @@
-"""A named Ray actor where receivers publish their addresses and senders look them up.
+"""A named Ray actor per job where the two sides of a refit find each other, and where the driver marks a
+refit aborted.
 
 Keys name a device on a node: `device_key(node_id, "cuda", uuid)` or `device_key(node_id, "cpu", slot)`, so
 the policy rank and the generation worker that share a GPU find each other without knowing ranks or
-CUDA_VISIBLE_DEVICES. The NCCL master address for split placement goes through the same actor.
+CUDA_VISIBLE_DEVICES. The split transport's store address goes through the same actor (`publish_master`).
+A refit the driver aborted (the other side failed) is marked here; a side still waiting on its peer asks
+`abort_check(job, refit)()` every `schedule.ABORT_POLL_S` and gives up at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -27,6 +31,7 @@ def device_key(node_id: str, kind: str, ident: str | int) -> str:
 class Rendezvous:
     def __init__(self) -> None:
         self._values: dict[str, Any] = {}
+        self._aborted: set[int] = set()
         self._changed = asyncio.Condition()
 
     async def register(self, key: str, value: Any) -> None:
@@ -51,6 +56,12 @@ class Rendezvous:
     async def keys(self) -> list[str]:
         return sorted(self._values)
 
+    async def abort(self, refit: int) -> None:
+        self._aborted.add(refit)
+
+    async def aborted(self, refit: int) -> bool:
+        return refit in self._aborted
+
 
 def get_rendezvous(job: str) -> ray.actor.ActorHandle:
     """The job's rendezvous actor, created by whoever asks first (a detached name would outlive the job).
@@ -58,3 +69,37 @@ def get_rendezvous(job: str) -> ray.actor.ActorHandle:
     Ray ends a non-detached actor when its creator drops its last handle: the driver should create it first
     and hold it for the job's lifetime (`cluster.build` does)."""
     return Rendezvous.options(name=f"rendezvous-{job}", namespace=NAMESPACE, get_if_exists=True).remote()
+
+
+def abort_check(job: str, refit: int) -> Callable[[], bool]:
+    """Whether the driver has aborted refit number `refit` of `job` (a transport's `AbortFn`). A rendezvous
+    that does not answer within a second counts as not aborted: the transport's own timeout still holds."""
+    rendezvous = get_rendezvous(job)
+
+    def aborted() -> bool:
+        try:
+            return bool(ray.get(rendezvous.aborted.remote(refit), timeout=1.0))
+        except Exception:
+            return False
+
+    return aborted
+
+
+def master_key(job: str) -> str:
+    return f"bcast/{job}"
+
+
+def publish_master(job: str, address: tuple[str, int]) -> Any:
+    """Register the split transport's store address with the job's rendezvous actor.
+
+    Keep the returned actor handle as long as receivers may look the address up: the rendezvous actor is
+    not detached, and Ray ends it once its creator drops its last handle (measured: a handle dropped at
+    the end of an actor's `__init__` took the registered address with it)."""
+    rendezvous = get_rendezvous(job)
+    ray.get(rendezvous.register.remote(master_key(job), list(address)))
+    return rendezvous
+
+
+def lookup_master(job: str, timeout_s: float) -> tuple[str, int]:
+    host, port = ray.get(get_rendezvous(job).lookup.remote(master_key(job), timeout_s))
+    return host, int(port)

@@ -13,9 +13,11 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from colocate.refit.broadcast import BroadcastReceiver, BroadcastSender, publish_master
-from colocate.refit.plan import tensor_meta
-from colocate.refit.vllm_ext import ColocateRefitExtension
+from colocate.refit.engine_side import RefitExtension
+from colocate.refit.nccl.receiver import BroadcastReceiver
+from colocate.refit.nccl.sender import BroadcastSender
+from colocate.refit.plan import expect, tensor_meta
+from colocate.rendezvous import publish_master
 
 EXT = "tests.broadcast_actors.TestBroadcastExtension"
 TOKEN = "the-test-job-token"
@@ -36,18 +38,18 @@ def to_bytes(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
     return str(t.dtype), tuple(t.shape), data
 
 
-class TestBroadcastExtension(ColocateRefitExtension):
+class TestBroadcastExtension(RefitExtension):
     """The production extension, plus a load counter and a way to die inside a given load."""
 
     __test__ = False  # not a pytest class
     _colocate_test_loads = 0
     _colocate_test_die_at: int | None = None
 
-    def _colocate_bcast_load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+    def _colocate_load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         self._colocate_test_loads += 1
         if self._colocate_test_loads == self._colocate_test_die_at:
             os.kill(os.getpid(), signal.SIGKILL)  # a crash mid-broadcast: no cleanup, no goodbye
-        super()._colocate_bcast_load(weights)
+        super()._colocate_load(weights)
 
     def colocate_test_arm(self, die_at_load: int | None) -> None:
         self._colocate_test_loads, self._colocate_test_die_at = 0, die_at_load
@@ -65,13 +67,13 @@ class EngineActor:
         self.llm = make_llm(model, dtype="float32", seed=0, worker_extension_cls=EXT)
 
     def open(self, job: str, rank: int, world_size: int, timeout_s: float, expected=None) -> dict:
-        [info] = self.llm.collective_rpc("colocate_bcast_open", kwargs=dict(
+        [info] = self.llm.collective_rpc("colocate_refit_open", args=("broadcast",), kwargs=dict(
             job=job, rank=rank, world_size=world_size, timeout_s=timeout_s, record=True, expected=expected,
             connect=True, connect_timeout_s=CONNECT_TIMEOUT_S, token=TOKEN))
         return info
 
     def receive(self) -> dict:
-        [stats] = self.llm.collective_rpc("colocate_bcast_receive")
+        [stats] = self.llm.collective_rpc("colocate_refit_receive")
         self.llm.reset_prefix_cache()
         return stats
 
@@ -91,12 +93,12 @@ class EngineActor:
         return [list(r.outputs[0].token_ids) for r in out]
 
     def fingerprints(self) -> tuple[dict[str, str], dict[str, str]]:
-        [received] = self.llm.collective_rpc("colocate_bcast_fingerprints")
+        [received] = self.llm.collective_rpc("colocate_received_fingerprints")
         [params] = self.llm.collective_rpc("colocate_param_fingerprints")
         return received, params
 
     def close(self) -> None:
-        self.llm.collective_rpc("colocate_bcast_close")
+        self.llm.collective_rpc("colocate_refit_close")
 
 
 @ray.remote(num_cpus=0)
@@ -165,7 +167,7 @@ def receiver_process(conn, master: tuple[str, int], rank: int, world_size: int, 
             except Exception as e:
                 conn.send(("error", type(e).__name__, str(e), loads[0]))
         elif cmd[0] == "expect":
-            r.expected = cmd[1]
+            r.check_fn = expect(cmd[1]) if cmd[1] is not None else None
             conn.send(("ok",))
         elif cmd[0] == "close":
             r.close()

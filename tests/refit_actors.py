@@ -12,11 +12,11 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from colocate.refit.ipc.sender import RefitSender
 from colocate.refit.plan import tensor_meta
-from colocate.refit.sender import RefitSender
 from colocate.rendezvous import device_key, get_rendezvous
 
-EXT = "colocate.refit.vllm_ext.ColocateRefitExtension"
+EXT = "colocate.refit.engine_side.RefitExtension"
 
 
 def _key(device: str) -> str:
@@ -30,7 +30,9 @@ class EngineActor:
         from colocate.engine.vllm_engine import make_llm
 
         self.llm = make_llm(model, dtype="float32", seed=0, worker_extension_cls=EXT)
-        [self.address] = self.llm.collective_rpc("colocate_refit_open", args=(job_dir, token, timeout_s, True))
+        [info] = self.llm.collective_rpc("colocate_refit_open", args=("zmq",), kwargs=dict(
+            job=job, token=token, job_dir=job_dir, timeout_s=timeout_s, record=True))
+        self.address = info["address"]
         [device] = self.llm.collective_rpc("colocate_device_key")
         ray.get(get_rendezvous(job).register.remote(_key(device), self.address))
 

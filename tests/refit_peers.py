@@ -23,7 +23,8 @@ def to_bytes(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
 
 def receiver_main(conn, job_dir: str, token: str, timeout_s: float, refits: int, record: bool = True,
                   expected=None, die_at_bucket: int | None = None) -> None:
-    from colocate.refit.receiver import RefitReceiver
+    from colocate.refit.ipc.receiver import RefitReceiver
+    from colocate.refit.plan import expect
 
     received: dict[str, tuple] = {}
     loads = [0]
@@ -36,7 +37,8 @@ def receiver_main(conn, job_dir: str, token: str, timeout_s: float, refits: int,
             if record:
                 received[name] = to_bytes(t)
 
-    r = RefitReceiver(job_dir=job_dir, token=token, load_fn=load, timeout_s=timeout_s, expected=expected)
+    r = RefitReceiver(job_dir=job_dir, token=token, load_fn=load, timeout_s=timeout_s,
+                      check_fn=expect(expected) if expected is not None else None)
     conn.send(("address", r.address))
     for _ in range(refits):
         try:
@@ -51,7 +53,7 @@ def receiver_main(conn, job_dir: str, token: str, timeout_s: float, refits: int,
 
 def sender_main(conn, address: str, job_dir: str, token: str, timeout_s: float, meta, tensors,
                 die_at_tensor: int | None = None) -> None:
-    from colocate.refit.sender import RefitSender
+    from colocate.refit.ipc.sender import RefitSender
 
     s = RefitSender(address=address, token=token, job_dir=job_dir, device="cpu", buffer_bytes=4096,
                     timeout_s=timeout_s)

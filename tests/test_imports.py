@@ -8,10 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "colocate"
 # The transports proper: they move bytes between two processes and know nothing of Ray.
-TRANSPORTS = ["refit/plan.py", "refit/wire.py", "refit/buffers.py", "refit/jobdir.py", "refit/checksum.py",
-              "refit/sizing.py", "refit/sender.py", "refit/receiver.py", "refit/errors.py",
-              "refit/broadcast_frames.py", "refit/broadcast_group.py", "refit/broadcast_sender.py",
-              "refit/broadcast_receiver.py"]
+PURE = ["refit/plan.py", "refit/schedule.py", "refit/errors.py", "refit/checksum.py", "refit/sizing.py"]
+TRANSPORTS = sorted(str(p.relative_to(ROOT)) for pkg in ("refit/ipc", "refit/nccl") for p in (ROOT / pkg).glob("*.py"))
 
 
 def _module(path: Path) -> str:
@@ -70,7 +68,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycles_inside_colocate():
     graph = _graph()
-    assert graph.get("colocate.refit.receiver")  # the walk found imports
+    assert graph.get("colocate.refit.ipc.receiver")  # the walk found imports
     assert _cycles(graph) == []
 
 
@@ -79,6 +77,17 @@ def test_the_cycle_finder_finds_one():
 
 
 def test_no_ray_inside_the_transports():
+    assert len(TRANSPORTS) >= 10  # both packages found
     offenders = {t: sorted(i for i in _imports(ROOT / t) if i == "ray" or i.startswith("ray."))
-                 for t in TRANSPORTS}
+                 for t in TRANSPORTS + PURE}
     assert {t: i for t, i in offenders.items() if i} == {}
+
+
+def test_neither_transport_imports_the_other_nor_the_ray_sides():
+    ray_sides = {"colocate.refit.policy_side", "colocate.refit.engine_side", "colocate.refit.driver",
+                 "colocate.rendezvous"}
+    for pkg, other in (("ipc", "nccl"), ("nccl", "ipc")):
+        for path in (ROOT / "refit" / pkg).glob("*.py"):
+            bad = sorted(i for i in _imports(path) if i.startswith(f"colocate.refit.{other}")
+                         or any(i == m or i.startswith(m + ".") for m in ray_sides))
+            assert bad == [], f"{path.relative_to(ROOT)} imports {bad}"

@@ -13,8 +13,10 @@ import ray
 import torch
 import torch.distributed as dist
 
-from colocate.refit.broadcast import BroadcastSender
-from colocate.refit.broadcast_frames import (
+from colocate.refit.checksum import fingerprint
+from colocate.refit.driver import await_refit
+from colocate.refit.errors import RefitAuthError, RefitError, RefitManifestError, RefitTimeoutError
+from colocate.refit.nccl.frames import (
     MAGIC,
     Header,
     decode_manifest,
@@ -24,11 +26,9 @@ from colocate.refit.broadcast_frames import (
     trailer_offset,
     words_digest,
 )
-from colocate.refit.broadcast_group import td
-from colocate.refit.checksum import fingerprint
-from colocate.refit.errors import RefitAuthError, RefitError, RefitManifestError, RefitTimeoutError
-from colocate.refit.futures import await_refit
-from colocate.refit.plan import ManifestError, manifest_mismatch, plan, tensor_meta
+from colocate.refit.nccl.group import td
+from colocate.refit.nccl.sender import BroadcastSender
+from colocate.refit.plan import expect, manifest_meta, plan, tensor_meta
 from colocate.rendezvous import get_rendezvous
 from tests import broadcast_actors, hf_reference
 from tests.broadcast_actors import EngineActor, SenderActor, checkpoint_tensors, expected_meta, to_bytes
@@ -72,7 +72,7 @@ def test_manifest_bytes_roundtrip():
     m = plan([("a", "float32", (3, 4)), ("b", "bfloat16", (5,)), ("c", "int64", ())], 256)
     back = decode_manifest(encode_manifest(m))
     assert back == m and back.digest() == m.digest()
-    with pytest.raises(ManifestError, match="unparsable"):
+    with pytest.raises(RefitManifestError, match="unparsable"):
         decode_manifest(b"{not json")
 
 
@@ -89,7 +89,7 @@ M = plan([("a", "float32", (3, 4)), ("b", "bfloat16", (5,))], 1024)
     ({"a": ("float32", (4, 3)), "b": ("bfloat16", (5,))}, "!= expected ('float32', (4, 3))"),
 ])
 def test_manifest_mismatch(expected, why):
-    got = manifest_mismatch(M, expected)
+    got = expect(expected)(manifest_meta(M))
     assert got is None if why is None else why in got
 
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from colocate.refit.jobdir import new_job_dir, new_token
+from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from colocate.refit.plan import tensor_meta
 
 pytestmark = pytest.mark.gpu
@@ -19,7 +19,7 @@ CTX = mp.get_context("spawn")
 
 
 def _gpu_receiver(conn, job_dir, token, refits):
-    from colocate.refit.receiver import RefitReceiver
+    from colocate.refit.ipc.receiver import RefitReceiver
 
     got = {}
 
@@ -48,7 +48,7 @@ def _tensors():
 
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_cuda_ipc_stream_is_bit_identical(per_tensor):
-    from colocate.refit.sender import RefitSender
+    from colocate.refit.ipc.sender import RefitSender
 
     job_dir, token = new_job_dir(), new_token()
     conn, child = CTX.Pipe()
@@ -75,7 +75,7 @@ def _gpu_sender(conn, address, job_dir, token):
     from safetensors.torch import load_file
 
     from colocate.refit.checksum import fingerprint
-    from colocate.refit.sender import RefitSender
+    from colocate.refit.ipc.sender import RefitSender
 
     sender = RefitSender(address=address, token=token, job_dir=job_dir, device="cuda", buffer_bytes=1 << 20,
                          timeout_s=60)
@@ -98,14 +98,16 @@ def test_refit_into_vllm_on_gpu_reproduces_the_engine(tmp_path):
     params = SamplingParams(temperature=0.0, max_tokens=16)
     prompts = [{"prompt_token_ids": ids} for ids in ([1, 5, 9, 33], [7, 7, 2], [100, 4, 250, 3, 9])]
     llm = make_llm(str(b), dtype="bfloat16", kv_cache_memory_bytes=256 << 20,
-                   worker_extension_cls="colocate.refit.vllm_ext.ColocateRefitExtension")
+                   worker_extension_cls="colocate.refit.engine_side.RefitExtension")
 
     def greedy():
         return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
 
     want_b = greedy()
     job_dir, token = new_job_dir(), new_token()
-    [address] = llm.collective_rpc("colocate_refit_open", args=(job_dir, token, 60.0, True))
+    [info] = llm.collective_rpc("colocate_refit_open", args=("zmq",), kwargs=dict(
+        job="test-gpu", token=token, job_dir=job_dir, timeout_s=60.0, record=True))
+    address = info["address"]
     conn, child = CTX.Pipe()
     proc = CTX.Process(target=_gpu_sender, args=(child, address, job_dir, token), daemon=True)
     proc.start()

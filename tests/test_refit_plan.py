@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from colocate.refit.plan import ALIGN, ManifestError, align_up, check_tensor, plan
+from colocate.refit.errors import RefitManifestError
+from colocate.refit.plan import ALIGN, align_up, check_tensor, plan
 
 
 def meta(*sizes, dtype="float32"):
@@ -41,7 +42,7 @@ def test_offsets_are_aligned_and_disjoint():
 
 
 def test_duplicate_names_rejected():
-    with pytest.raises(ManifestError, match="duplicate"):
+    with pytest.raises(RefitManifestError, match="duplicate"):
         plan([("a", "float32", (1,)), ("a", "float32", (1,))], 1024)
 
 
@@ -55,7 +56,7 @@ def test_digest_depends_on_layout():
 def test_check_tensor():
     e = plan([("w", "bfloat16", (2, 3))], 1024).entries[0]
     check_tensor(e, torch.zeros(2, 3, dtype=torch.bfloat16))
-    with pytest.raises(ManifestError, match="shape"):
+    with pytest.raises(RefitManifestError, match="shape"):
         check_tensor(e, torch.zeros(3, 2, dtype=torch.bfloat16))
-    with pytest.raises(ManifestError, match="dtype"):
+    with pytest.raises(RefitManifestError, match="dtype"):
         check_tensor(e, torch.zeros(2, 3, dtype=torch.float16))

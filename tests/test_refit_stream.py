@@ -14,9 +14,9 @@ import torch
 import zmq
 
 from colocate.refit.errors import RefitManifestError, RefitTimeoutError
-from colocate.refit.jobdir import new_job_dir, new_token
+from colocate.refit.ipc.jobdir import new_job_dir, new_token
+from colocate.refit.ipc.sender import RefitSender
 from colocate.refit.plan import tensor_meta
-from colocate.refit.sender import RefitSender
 from tests import refit_peers
 from tests.refit_peers import fd_count, to_bytes
 
@@ -129,7 +129,7 @@ def test_killed_receiver_makes_sender_raise_within_timeout(job):
 
 
 def test_killed_sender_makes_receiver_raise_within_timeout(job):
-    from colocate.refit.receiver import RefitReceiver
+    from colocate.refit.ipc.receiver import RefitReceiver
 
     job_dir, token = job
     sent = tiny_state()
@@ -204,7 +204,7 @@ def test_receiver_rejects_manifest_that_does_not_match_the_engine(job, case):
 
 def test_receiver_error_reaches_sender_with_traceback(job):
     """A load that raises on the receiver is raised on the sender as a named error with its traceback."""
-    from colocate.refit.receiver import RefitReceiver
+    from colocate.refit.ipc.receiver import RefitReceiver
 
     job_dir, token = job
     sent = tiny_state()
@@ -333,8 +333,8 @@ def test_a_sender_and_receiver_never_closed_do_not_hang_garbage_collection(job):
     job_dir, token = job
     code = f"""
 import gc
-from colocate.refit.receiver import RefitReceiver
-from colocate.refit.sender import RefitSender
+from colocate.refit.ipc.receiver import RefitReceiver
+from colocate.refit.ipc.sender import RefitSender
 r = RefitReceiver(job_dir={job_dir!r}, token={token!r}, load_fn=lambda w: None, timeout_s=1)
 s = RefitSender(address=r.address, token={token!r}, job_dir={job_dir!r}, device="cpu", buffer_bytes=4096,
                 timeout_s=1)

@@ -11,9 +11,9 @@ import pytest
 import ray
 
 from colocate.refit.checksum import fingerprint
+from colocate.refit.driver import await_refit
 from colocate.refit.errors import RefitError, RefitManifestError, RefitPeerDiedError, RefitTimeoutError
-from colocate.refit.futures import await_refit
-from colocate.refit.jobdir import new_job_dir, new_token
+from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from colocate.rendezvous import get_rendezvous
 from tests import hf_reference
 from tests.refit_actors import EngineActor, SenderActor, expected_params, fingerprint_all

@@ -39,13 +39,13 @@ from typing import Any
 import torch
 
 from colocate.bench.model_shapes import param_meta, resolve_model
-from colocate.refit.jobdir import new_job_dir, new_token
+from colocate.refit.ipc.jobdir import new_job_dir, new_token
 
 REFIT_METHODS = ("colocate", "colocate_load_weights", "colocate_serial", "per_tensor")
 NATIVE_METHODS = ("vllm_native", "vllm_native_unpacked")
 FLOOR_METHODS = ("floor", "floor_pack_unpack")
 ALL_METHODS = REFIT_METHODS + NATIVE_METHODS + FLOOR_METHODS
-EXT = "colocate.refit.vllm_ext.ColocateRefitExtension"
+EXT = "colocate.refit.engine_side.RefitExtension"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -168,8 +168,8 @@ def trainer_main(conn, args: dict[str, Any]) -> None:
 
 def _trainer(conn, a: dict[str, Any]) -> None:
     from colocate.refit.checksum import fingerprint
+    from colocate.refit.ipc.sender import RefitSender
     from colocate.refit.plan import tensor_meta
-    from colocate.refit.sender import RefitSender
 
     device, repeats = a["device"], a["repeats"]
     if device == "cuda":
@@ -311,7 +311,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    max_model_len=256, kv_cache_memory_bytes=(1 << 30) if args.device == "cuda" else None,
                    worker_extension_cls=EXT, skip_tokenizer_init=True, extra_engine_kwargs=extra)
     print(f"engine up in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
-    [address] = llm.collective_rpc("colocate_refit_open", args=(job_dir, token, args.timeout, False))
+    [info] = llm.collective_rpc("colocate_refit_open", args=("zmq",), kwargs=dict(
+        job="bench", token=token, job_dir=job_dir, timeout_s=args.timeout))
+    address = info["address"]
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     buffer_bytes = int(args.buffer_mb * (1 << 20))

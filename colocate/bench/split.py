@@ -12,7 +12,7 @@ recorded refit in lockstep (each refit ends with an all-reduce, so the next star
 times each refit, from its first byte to the last receiver's `finish_weight_update`.
 
 Methods (median of the timed repeats):
-  colocate          colocate.refit.broadcast: bucketed, double-buffered (pack N+1 / load N overlap the wire)
+  colocate          colocate.refit.nccl: bucketed, double-buffered (pack N+1 / load N overlap the wire)
   colocate_serial   the same with overlap off: one bucket at a time, packed, sent, loaded
   floor             the same buckets broadcast from ready buffers: no packing, no loading, two in flight
   vllm_native       vLLM's NCCL weight-transfer engine (packed, two buffers; GPU and vLLM 0.24 only):
@@ -51,10 +51,10 @@ from colocate.bench.refit import (
     write_outputs,
 )
 from colocate.bench.refit import _report as refit_report
-from colocate.refit.jobdir import new_token
+from colocate.refit.ipc.jobdir import new_token
 
 METHODS = ("colocate", "colocate_serial", "floor", "vllm_native")
-EXT = "colocate.refit.vllm_ext.ColocateRefitExtension"
+EXT = "colocate.refit.engine_side.RefitExtension"
 JOB = "bench-split"
 
 
@@ -79,7 +79,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def floor_broadcast(group: Any, buckets: list[int], buffers: list[torch.Tensor]) -> None:
     """Broadcast frames of the given sizes from two ready buffers, two in flight; then align all ranks."""
-    from colocate.refit.broadcast_frames import frame_bytes
+    from colocate.refit.nccl.frames import frame_bytes
 
     in_flight: deque = deque()
     for i, nbytes in enumerate(buckets):
@@ -92,21 +92,21 @@ def floor_broadcast(group: Any, buckets: list[int], buffers: list[torch.Tensor])
 
 
 def _floor_buffers(buckets: list[int], device: str) -> list[torch.Tensor]:
-    from colocate.refit.broadcast_frames import frame_bytes
+    from colocate.refit.nccl.frames import frame_bytes
 
     return [torch.empty(frame_bytes(max(buckets)), dtype=torch.uint8, device=device) for _ in range(2)]
 
 
 def _worker_floor(worker: Any, buckets: list[int], count: int) -> None:
     """Runs in the engine's worker (`collective_rpc` with a callable): the receivers' side of `floor`."""
-    group = worker._colocate_bcast_join().group
+    group = worker._colocate_join().group
     buffers = _floor_buffers(buckets, str(group.device))
     for _ in range(count):
         floor_broadcast(group, buckets, buffers)
 
 
 def _worker_barrier(worker: Any) -> None:
-    worker._colocate_bcast_join().group.statuses(0, "the end of a vllm_native refit")
+    worker._colocate_join().group.statuses(0, "the end of a vllm_native refit")
 
 
 @contextlib.contextmanager
@@ -133,8 +133,8 @@ def sender_main(conn, a: dict[str, Any]) -> None:
 
 
 def _sender(conn, a: dict[str, Any]) -> None:
-    from colocate.refit.broadcast import BroadcastSender
     from colocate.refit.checksum import fingerprint
+    from colocate.refit.nccl.sender import BroadcastSender
     from colocate.refit.plan import tensor_meta
 
     device = "cuda:0" if a["device"] == "cuda" else "cpu"
@@ -220,7 +220,7 @@ def _receiver(conn, a: dict[str, Any], rank: int) -> None:
         cmd = conn.recv()
         try:
             if cmd[0] == "connect":
-                llm.collective_rpc("colocate_bcast_open", kwargs=dict(
+                llm.collective_rpc("colocate_refit_open", args=("broadcast",), kwargs=dict(
                     job=JOB, token=a["token"], rank=rank, world_size=world, timeout_s=a["timeout"],
                     master=tuple(cmd[1]),
                     connect=True))
@@ -235,8 +235,8 @@ def _receiver(conn, a: dict[str, Any], rank: int) -> None:
                 if method in ("colocate", "colocate_serial"):
                     loads, waits = [], []
                     for i in range(count):
-                        llm.collective_rpc("colocate_bcast_set_record", args=(i == count - 1,))
-                        [st] = llm.collective_rpc("colocate_bcast_receive")
+                        llm.collective_rpc("colocate_refit_set_record", args=(i == count - 1,))
+                        [st] = llm.collective_rpc("colocate_refit_receive")
                         loads.append(st["load_seconds"])
                         waits.append(st["wait_seconds"])
                     out.update(load_s=loads, wait_s=waits)
@@ -253,12 +253,12 @@ def _receiver(conn, a: dict[str, Any], rank: int) -> None:
                         llm.finish_weight_update()
                         llm.collective_rpc(_worker_barrier)
                 if method != "floor":
-                    [received] = llm.collective_rpc("colocate_bcast_fingerprints")
+                    [received] = llm.collective_rpc("colocate_received_fingerprints")
                     [params] = llm.collective_rpc("colocate_param_fingerprints")
                     out.update(received=received, params=params)
                 conn.send(("ok", out))
             elif cmd[0] == "close":
-                llm.collective_rpc("colocate_bcast_close")
+                llm.collective_rpc("colocate_refit_close")
                 shutdown_llm(llm)
                 conn.send(("ok", None))
                 return

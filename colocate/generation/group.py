@@ -6,8 +6,8 @@ ones larger); worker w serves shard w and the rollouts come back in prompt order
 Every failure comes out as one named exception (`errors.py`) naming the worker, with its remote traceback.
 Refits pair with the sender's futures:
 
-    keys = group.open_refit(job, job_dir, token, timeout_s)        # once; policy ranks look the keys up
-    await_refit({"sender": [...], "receiver": group.receive_refit_futures()}, timeout_s)
+    group.open_refit("zmq", job=job, token=token, job_dir=job_dir)  # once; policy ranks look the keys up
+    driver.run_refit(policy.workers, group, job=job, refit=n, timeout_s=timeout_s)   # each refit
 
 Generation can overlap training: `generate_futures` returns at once, `collect` waits. With
 `engine="async"` a refit arriving meanwhile is applied between requests (see `backends.py`).
@@ -145,32 +145,26 @@ class GenerationGroup:
         return [rollout for shard in shards for rollout in shard]
 
     # --------------------------------------------------------------------------------------------- refit
-    def open_refit(self, job: str, job_dir: str, token: str, timeout_s: float = 60.0) -> list[str]:
-        """Bind every worker's receiver and register it with the job's rendezvous; the keys, by worker."""
-        return [key for keys in self._call_all("open_refit", job, job_dir, token, timeout_s) for key in keys]
+    def open_refit(self, transport: str, *, job: str, token: str, timeout_s: float = 60.0, job_dir: str = "",
+                   connect_timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Make every engine a receiver of the job's refits over `transport` (`GenerationWorker.open_refit`);
+        each TP rank's info, by worker. Over broadcast the group is the policy's rank 0 (group rank 0) and
+        every engine worker: engine w's TP rank r is group rank 1 + w * tp + r."""
+        tp = self.tensor_parallel_size
+        world_size = 1 + self.num_workers * tp
+        refs = [w.open_refit.remote(transport, job=job, token=token, timeout_s=timeout_s, job_dir=job_dir,
+                                    rank=1 + index * tp, world_size=world_size,
+                                    connect_timeout_s=connect_timeout_s)
+                for index, w in enumerate(self.workers)]
+        return [info for infos in self._wait(refs, "open_refit") for info in infos]
 
-    def receive_refit_futures(self, timeout_s: float | None = None) -> list[ray.ObjectRef]:
-        """Every worker's update task for one refit, to await together with the sender's (`await_refit`)."""
-        return [w.receive_refit.remote(timeout_s) for w in self.workers]
+    def receive_refit_futures(self, refit: int | None = None, timeout_s: float | None = None
+                              ) -> list[ray.ObjectRef]:
+        """Every engine's update task for refit number `refit`, to await with the policy's (`driver`)."""
+        return [w.receive_refit.remote(refit, timeout_s) for w in self.workers]
 
     def close_refit(self) -> None:
         self._call_all("close_refit")
-
-    def open_broadcast(self, job: str, *, token: str, world_size: int, timeout_s: float = 60.0,
-                       connect_timeout_s: float | None = None) -> list[dict[str, Any]]:
-        """Make every engine a receiver of the job's broadcast (policy rank 0 is group rank 0; engine w's TP
-        rank r is group rank 1 + w * tp + r); each receiver's {"rank", "device"}, by worker."""
-        tp = self.tensor_parallel_size
-        refs = [w.open_broadcast.remote(job, token=token, rank=1 + index * tp, world_size=world_size,
-                                        timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
-                for index, w in enumerate(self.workers)]
-        return [info for infos in self._wait(refs, "open_broadcast") for info in infos]
-
-    def receive_broadcast_futures(self) -> list[ray.ObjectRef]:
-        return [w.receive_broadcast.remote() for w in self.workers]
-
-    def close_broadcast(self) -> None:
-        self._call_all("close_broadcast")
 
     def check_offer(self, offer: list[tuple[str, str, tuple[int, ...]]]) -> list[dict[str, Any]]:
         """Whether a refit of these (name, dtype, shape) tensors fills each engine exactly, per TP rank of

@@ -24,7 +24,7 @@ from colocate.generation.errors import EngineStartError, PromptTooLongError, Wei
 from colocate.generation.types import Prompt, Rollout, SamplingConfig
 from colocate.rendezvous import device_key, get_rendezvous
 
-DEFAULT_EXTENSION = "colocate.refit.vllm_ext.ColocateRefitExtension"
+DEFAULT_EXTENSION = "colocate.refit.engine_side.RefitExtension"
 ALL_TAGS = ("weights", "kv_cache")
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,10 @@ class GenerationWorker:
         self._weights_dropped = False  # by sleep(level=2), until a refit completes
         self._keys: list[str] = []
         self._rendezvous: Any = None  # the refit job's; held: the actor lives as long as its creator holds it
-        self._bcast_rendezvous: Any = None
-        self._bcast_args: dict[str, Any] | None = None
-        self._bcast_master: tuple[str, int] | None = None
+        self._refit_transport: str | None = None
+        self._refit_job = ""
+        self._master_known = False
+        self._connect_timeout_s = 0.0
         backend_cls = AsyncBackend if engine == "async" else SyncBackend
         try:
             self._backend: Backend = backend_cls(
@@ -146,81 +147,65 @@ class GenerationWorker:
         return tok.encode(prompt)  # as vLLM encodes a text prompt
 
     # --------------------------------------------------------------------------------------------- refit
-    def open_refit(self, job: str, job_dir: str, token: str, timeout_s: float = 60.0) -> list[str]:
-        """Bind the colocated receiver(s) and register them with the job's rendezvous; returns the keys.
+    def open_refit(self, transport: str, *, job: str, token: str, timeout_s: float = 60.0, job_dir: str = "",
+                   rank: int = 1, world_size: int = 0, connect_timeout_s: float | None = None) -> list[dict]:
+        """Make every worker of this engine a receiver of the job's refits (`refit/engine_side.py`).
 
-        One key per TP rank: the GPU's UUID, or on CPU the slot `index * tp + rank` (several engines on one
-        node then get distinct keys).
+        zmq (colocated): bind each TP rank's receiver in the private `job_dir` and register it with the job's
+        rendezvous under its device's key: the GPU's UUID, or on CPU the slot `index * tp + rank` (several
+        engines on one node then get distinct keys); returns [{"key"}] per TP rank.
+        broadcast (split): TP rank r is group rank `rank + r` of `world_size`; the group is joined at the
+        first refit, waiting up to `connect_timeout_s` (None: the transport's default) for the sender and the
+        other receivers; returns [{"rank", "device"}] per TP rank.
         """
-        addresses = self._backend.call_workers("colocate_refit_open", job_dir, token, timeout_s)
-        devices = self._backend.call_workers("colocate_device_key")
-        node = ray.get_runtime_context().get_node_id()
+        from colocate.refit.nccl.group import CONNECT_TIMEOUT_S
+
+        self.close_refit()
+        # Hold the job's rendezvous actor from now on: it lives only as long as its creator holds it.
         self._rendezvous = get_rendezvous(job)
+        self._refit_job, self._refit_transport, self._master_known = job, transport, False
+        self._connect_timeout_s = CONNECT_TIMEOUT_S if connect_timeout_s is None else connect_timeout_s
+        infos = self._backend.call_workers("colocate_refit_open", transport, job=job, token=token,
+                                           timeout_s=timeout_s, job_dir=job_dir, rank=rank,
+                                           world_size=world_size, connect_timeout_s=self._connect_timeout_s)
+        if transport != "zmq":
+            return infos
+        node = ray.get_runtime_context().get_node_id()
         keys = []
-        for rank, (address, device) in enumerate(zip(addresses, devices, strict=True)):
-            kind, ident = device.split(":", 1)
+        for tp_rank, info in enumerate(infos):
+            kind, ident = info["device_key"].split(":", 1)
             if kind == "cpu":
-                ident = str(self.index * len(devices) + rank)
+                ident = str(self.index * len(infos) + tp_rank)
             keys.append(device_key(node, kind, ident))
-            ray.get(self._rendezvous.register.remote(keys[-1], address))
+            ray.get(self._rendezvous.register.remote(keys[-1], info["address"]))
         self._keys = keys
-        return keys
+        return [{"key": k} for k in keys]
 
-    def receive_refit(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """The update task of one refit: drain, receive, reset the prefix cache, bump the version.
+    def receive_refit(self, refit: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        """The update task of refit number `refit`: drain generation, receive, reset the prefix cache, bump
+        the version. Returns TP rank 0's receive stats (every rank receives the same stream).
 
-        Returns TP rank 0's receive stats (every rank receives the same stream).
-        """
+        Over broadcast the sender's store address is looked up here, in the actor, at the first refit (the
+        async engine's workers live in a child process that is not connected to Ray)."""
+        from colocate.rendezvous import lookup_master
+
         self._check_weights_awake()
-        stats = self._backend.update_weights("colocate_refit_receive", timeout_s)[0]
+        if self._refit_transport is None:
+            raise RuntimeError(f"worker {self.index}: open_refit was not called")
+        if self._refit_transport == "broadcast" and not self._master_known:
+            master = lookup_master(self._refit_job, self._connect_timeout_s)
+            self._backend.call_workers("colocate_refit_set_master", master)
+            self._master_known = True
+        stats = self._backend.update_weights("colocate_refit_receive", refit=refit, timeout_s=timeout_s)[0]
         self._refilled()
         return stats
 
     def close_refit(self) -> None:
-        self._backend.call_workers("colocate_refit_close")
-        if self._rendezvous is not None:
+        if self._refit_transport is not None:
+            self._backend.call_workers("colocate_refit_close")
+        if self._rendezvous is not None and self._keys:
             ray.get([self._rendezvous.unregister.remote(k) for k in self._keys])
-        self._keys = []
-
-    def open_broadcast(self, job: str, *, token: str, rank: int, world_size: int, timeout_s: float = 60.0,
-                       connect_timeout_s: float | None = None) -> list[dict[str, Any]]:
-        """Take part in the job's split-placement broadcast as group ranks `rank + <TP rank>`; returns each
-        TP rank's {"rank", "device"}. The group is joined at the first `receive_broadcast`, waiting up to
-        `connect_timeout_s` (None: `broadcast.CONNECT_TIMEOUT_S`) for the sender and the other receivers."""
-        from colocate.refit.broadcast import CONNECT_TIMEOUT_S
-
-        self._bcast_args = dict(job=job, token=token, rank=rank, world_size=world_size, timeout_s=timeout_s,
-                                connect_timeout_s=CONNECT_TIMEOUT_S if connect_timeout_s is None
-                                else connect_timeout_s)
-        self._bcast_master = None
-        # Hold the job's rendezvous actor from now on: it lives only as long as its creator holds it, and
-        # the sender that publishes its address there may drop its handle at once.
-        self._bcast_rendezvous = get_rendezvous(job)
-        return self._backend.call_workers("colocate_bcast_open", **self._bcast_args)
-
-    def receive_broadcast(self) -> dict[str, Any]:
-        """The update task of one broadcast refit, drained and versioned like `receive_refit`.
-
-        The sender's address is looked up here, in the actor (the extension could look it up itself, but
-        the async engine's workers live in a child process that is not connected to Ray), and handed to
-        the workers, which then join the group inside their first receive.
-        """
-        from colocate.refit.broadcast import lookup_master
-
-        self._check_weights_awake()
-        if self._bcast_args is None:
-            raise RuntimeError(f"worker {self.index}: open_broadcast was not called")
-        if self._bcast_master is None:
-            master = lookup_master(self._bcast_args["job"], self._bcast_args["connect_timeout_s"])
-            self._backend.call_workers("colocate_bcast_open", **self._bcast_args, master=master)
-            self._bcast_master = master
-        stats = self._backend.update_weights("colocate_bcast_receive")[0]
-        self._refilled()
-        return stats
-
-    def close_broadcast(self) -> None:
-        self._backend.call_workers("colocate_bcast_close")
-        self._bcast_args = self._bcast_master = self._bcast_rendezvous = None
+        self._keys, self._refit_transport, self._rendezvous = [], None, None
 
     def _refilled(self) -> None:
         """After a completed refit: weights dropped by sleep(level=2) are back only if it filled every one."""
@@ -280,8 +265,5 @@ class GenerationWorker:
         self._asleep -= set(asleep)
 
     def shutdown(self) -> None:
-        if self._keys:
-            self.close_refit()
-        if self._bcast_args is not None:
-            self.close_broadcast()
+        self.close_refit()
         self._backend.shutdown()

@@ -200,6 +200,13 @@ class PolicyGroup:
         """`fn(worker, *args, **kwargs)` on every rank (e.g. a refit sender driving `iter_weights`)."""
         return self.run_all("execute", fn, *args, **kwargs)
 
+    def open_refit(self, per_rank: list[dict[str, Any]]) -> None:
+        """Every rank's `open_refit(**per_rank[rank])` (`refit/policy_side.py`)."""
+        self._wait([w.open_refit.remote(**kw) for w, kw in zip(self.workers, per_rank, strict=True)], "open_refit")
+
+    def close_refit(self) -> None:
+        self.run_all("close_refit")
+
     def shutdown(self) -> None:
         """Kill the actors, without a graceful call first: after a failure ranks may hang in a collective."""
         for worker in self.workers:

@@ -44,6 +44,7 @@ from colocate.policy import checkpoint
 from colocate.policy.grpo_loss import LOSS_AGGS, LossAgg, grpo_loss
 from colocate.policy.lr_schedule import LrDecay, lr_multiplier
 from colocate.policy.weights import ManifestEntry, iter_full_weights, reshard, weights_manifest
+from colocate.refit.policy_side import StreamsRefits
 
 T = TypeVar("T")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -51,7 +52,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _METRIC_KEYS = ("loss", "tokens", "pg_loss", "kl", "clip_frac", "ratio_mean")
 
 
-class PolicyWorker:
+class PolicyWorker(StreamsRefits):
     """One FSDP2 rank of the policy model. See the module docstring for the conventions."""
 
     def __init__(

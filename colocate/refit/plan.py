@@ -14,10 +14,12 @@ Layout rules:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import msgspec
 import torch
+
+from colocate.refit.errors import RefitManifestError
 
 ALIGN = 256
 
@@ -38,22 +40,18 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class ManifestError(ValueError):
-    """The tensors offered do not match the manifest (missing, extra, duplicate, wrong shape or dtype)."""
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _DTYPE_NAMES[dtype]
     except KeyError:
-        raise ManifestError(f"unsupported dtype {dtype}") from None
+        raise RefitManifestError(f"unsupported dtype {dtype}") from None
 
 
 def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ManifestError(f"unknown dtype name {name!r}") from None
+        raise RefitManifestError(f"unknown dtype name {name!r}") from None
 
 
 def align_up(n: int, align: int = ALIGN) -> int:
@@ -139,7 +137,7 @@ def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int, *,
 
     for name, dtype, shape in meta:
         if name in seen:
-            raise ManifestError(f"duplicate tensor name {name!r}")
+            raise RefitManifestError(f"duplicate tensor name {name!r}")
         seen.add(name)
         numel = 1
         for d in shape:
@@ -161,12 +159,18 @@ def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int, *,
     return Manifest(tuple(entries), tuple(buckets), buffer_bytes)
 
 
+def bucket_views(buf_u8: torch.Tensor, entries: Sequence[Entry]) -> list[torch.Tensor]:
+    """Typed views of each entry's bytes in a bucket's buffer (flat uint8): how both transports' senders
+    pack and receivers read a bucket."""
+    return [buf_u8[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape) for e in entries]
+
+
 def check_tensor(entry: Entry, tensor: torch.Tensor) -> None:
-    """Raise ManifestError if `tensor` is not what `entry` promises."""
+    """Raise RefitManifestError if `tensor` is not what `entry` promises."""
     if tuple(tensor.shape) != entry.shape:
-        raise ManifestError(f"{entry.name}: shape {tuple(tensor.shape)} != manifest {entry.shape}")
+        raise RefitManifestError(f"{entry.name}: shape {tuple(tensor.shape)} != manifest {entry.shape}")
     if dtype_name(tensor.dtype) != entry.dtype:
-        raise ManifestError(f"{entry.name}: dtype {dtype_name(tensor.dtype)} != manifest {entry.dtype}")
+        raise RefitManifestError(f"{entry.name}: dtype {dtype_name(tensor.dtype)} != manifest {entry.dtype}")
 
 
 def next_matching(it: Iterator[tuple[str, torch.Tensor]], e: Entry, entries: Sequence[Entry], index: int
@@ -176,19 +180,16 @@ def next_matching(it: Iterator[tuple[str, torch.Tensor]], e: Entry, entries: Seq
         name, tensor = next(it)
     except StopIteration:
         missing = [x.name for x in entries[index:]]
-        raise ManifestError(f"missing tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}") from None
+        raise RefitManifestError(f"missing tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}") from None
     if name != e.name:
         known = {x.name: i for i, x in enumerate(entries)}
         if name not in known:
-            raise ManifestError(f"extra tensor {name!r} not in the manifest")
+            raise RefitManifestError(f"extra tensor {name!r} not in the manifest")
         if known[name] < index:
-            raise ManifestError(f"duplicate tensor {name!r}")
-        raise ManifestError(f"missing tensor {e.name!r} (got {name!r} in its place)")
+            raise RefitManifestError(f"duplicate tensor {name!r}")
+        raise RefitManifestError(f"missing tensor {e.name!r} (got {name!r} in its place)")
     check_tensor(e, tensor)
     return tensor
-
-
-Expected = dict[str, tuple[str, tuple[int, ...]]]
 
 
 def manifest_meta(manifest: Manifest) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -196,15 +197,18 @@ def manifest_meta(manifest: Manifest) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(e.name, e.dtype, tuple(e.shape)) for e in manifest.entries]
 
 
-def manifest_mismatch(manifest: Manifest, expected: Expected | None) -> str | None:
-    """Why `manifest` is not what the engine expects (name -> (dtype, shape)), or None if it is."""
-    if expected is None:
-        return None
-    got = {e.name: (e.dtype, tuple(e.shape)) for e in manifest.entries}
-    want = {n: (d, tuple(s)) for n, (d, s) in expected.items()}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    both = sorted(set(got) & set(want))
-    wrong = [f"{n}: {got[n]} != expected {want[n]}" for n in both if got[n] != want[n]]
-    if not (missing or extra or wrong):
-        return None
-    return f"manifest does not match the engine: missing={missing[:5]} extra={extra[:5]} wrong={wrong[:5]}"
+def expect(expected: Meta | Mapping[str, tuple[str, tuple[int, ...]]]) -> CheckFn:
+    """A `CheckFn` accepting exactly these tensors, (name, dtype name, shape) or name -> (dtype name, shape),
+    in any order (tests, and receivers outside an engine)."""
+    rows = ((n, d, s) for n, (d, s) in expected.items()) if isinstance(expected, Mapping) else expected
+    want = {n: (d, tuple(s)) for n, d, s in rows}
+
+    def check(meta: Meta) -> str | None:
+        got = {n: (d, tuple(s)) for n, d, s in meta}
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = [f"{n}: {got[n]} != expected {want[n]}" for n in sorted(set(got) & set(want)) if got[n] != want[n]]
+        if not (missing or extra or wrong):
+            return None
+        return f"manifest does not match the engine: missing={missing[:5]} extra={extra[:5]} wrong={wrong[:5]}"
+
+    return check

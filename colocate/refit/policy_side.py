@@ -1,59 +1,114 @@
-"""The policy's half of a refit, run inside each `PolicyWorker` (through `PolicyWorker.execute`).
+"""The policy's half of a refit: `PolicyRefit`, owned by the policy worker from `open_refit` to `close_refit`.
 
-Every rank drives `iter_weights` to the end (it gathers FSDP shards: a collective); a rank with an engine on
-its device streams what it gathers to that engine's receiver, found through the rendezvous actor under the
-device's key. The sender is kept on the worker between refits, so its buffers and the engine's opened
-handles are reused.
+Any backend feeds it (FSDP2, Megatron-core): `weights(dtype)` yields (HF name, full tensor) one at a time in
+the order `manifest(dtype)` lists them. Every rank drives the iterator to the end (its gathers are
+collectives); the rank that streams sends what it gathers:
+- zmq (colocated): each rank with an engine on its device, to that engine's receiver, found through the
+  job's rendezvous under the device's key;
+- broadcast (split): rank 0, to every engine worker; it owns the group's store, published with the
+  rendezvous.
+The sender is made at `open` (so a bad buffer size or a missing receiver fails there, not at the first
+refit) and kept until `close`: its buffers and the engine's opened handles are reused by every refit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
 import ray
 import torch
 
+from colocate.refit.ipc.sender import RefitSender
+from colocate.refit.nccl.sender import BroadcastSender
 from colocate.refit.plan import manifest_meta_of
-from colocate.refit.sender import RefitSender
 from colocate.refit.sizing import buffer_bytes
-from colocate.rendezvous import device_key, get_rendezvous
+from colocate.rendezvous import abort_check, device_key, get_rendezvous, publish_master
 
-_SENDER = "_colocate_refit_sender"
+TRANSPORTS = ("zmq", "broadcast")
+Weights = Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]]
+ManifestRows = Callable[[torch.dtype], list[tuple[str, tuple[int, ...], torch.dtype]]]
 
 
-def local_device_key(worker: Any, slot: int) -> str:
-    """This worker's device, named as the generation worker on it registers: by CUDA UUID, or CPU slot."""
+class PolicyRefit:
+    def __init__(self, *, weights: Weights, manifest: ManifestRows, device: torch.device, transport: str, job: str,
+                 token: str, dtype: str, streams: bool, buffer_size_mb: float | None, auto_fraction: float,
+                 timeout_s: float, job_dir: str = "", device_slot: int = 0, world_size: int = 0) -> None:
+        """`streams`: this rank sends (zmq: an engine shares its device, `device_slot` naming it on CPU;
+        broadcast: rank 0 of a group of `world_size` ranks, itself and every engine worker)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"refit transport must be one of {TRANSPORTS}, got {transport!r}")
+        self._weights, self._manifest = weights, manifest
+        self.transport, self.job, self.dtype = transport, job, getattr(torch, dtype)
+        self.sender: RefitSender | BroadcastSender | None = None
+        self._rendezvous: Any = None  # held: the rendezvous actor lives while someone holds a handle
+        if not streams:
+            return
+        size = buffer_bytes(buffer_size_mb, device, auto_fraction=auto_fraction)
+        if transport == "zmq":
+            key = local_device_key(device, device_slot)
+            address = ray.get(get_rendezvous(job).lookup.remote(key, timeout_s))
+            self.sender = RefitSender(address=address, token=token, job_dir=job_dir, device=device.type,
+                                      buffer_bytes=size, timeout_s=timeout_s)
+        else:
+            self.sender = BroadcastSender(host=store_host(), world_size=world_size, device=device.type,
+                                          buffer_bytes=size, token=token, timeout_s=timeout_s)
+            self._rendezvous = publish_master(job, self.sender.address)
+
+    def stream(self, refit: int) -> dict[str, Any] | None:
+        """Refit number `refit` from this rank: the sender's stats, or None on a rank that only gathers."""
+        weights = self._weights(self.dtype)
+        if self.sender is None:
+            for _ in weights:
+                pass
+            return None
+        meta = manifest_meta_of(self._manifest(self.dtype))
+        return asdict(self.sender.stream(weights, meta, abort_fn=abort_check(self.job, refit)))
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
+        self._rendezvous = None
+
+
+class StreamsRefits:
+    """The three refit methods of a policy worker (FSDP2 or Megatron): the worker provides `device`,
+    `iter_weights(dtype)` and `weights_manifest(dtype)`."""
+
+    device: torch.device
+    _refit: PolicyRefit | None = None
+
+    def open_refit(self, **kwargs: Any) -> None:
+        """Make this rank's `PolicyRefit` (see its arguments); replaces an open one."""
+        self.close_refit()
+        self._refit = PolicyRefit(weights=self.iter_weights, manifest=self.weights_manifest,  # type: ignore[attr-defined]
+                                  device=self.device, **kwargs)
+
+    def stream_refit(self, refit: int) -> dict[str, Any] | None:
+        """This rank's half of refit number `refit` (the driver launches it with the engines' half)."""
+        if self._refit is None:
+            raise RuntimeError("open_refit was not called on this policy worker")
+        return self._refit.stream(refit)
+
+    def close_refit(self) -> None:
+        if self._refit is not None:
+            self._refit.close()
+            self._refit = None
+
+
+def local_device_key(device: torch.device, slot: int) -> str:
+    """This rank's device, named as the engine worker on it registers: by CUDA UUID, or CPU slot."""
     node = ray.get_runtime_context().get_node_id()
-    if worker.device.type == "cuda":
-        return device_key(node, "cuda", str(torch.cuda.get_device_properties(worker.device).uuid))
+    if device.type == "cuda":
+        return device_key(node, "cuda", str(torch.cuda.get_device_properties(device).uuid))
     return device_key(node, "cpu", slot)
 
 
-def stream_weights(worker: Any, *, job: str, job_dir: str, token: str, slot: int | None,
-                   buffer_size_mb: float | None, auto_fraction: float, timeout_s: float,
-                   dtype: str) -> dict[str, Any] | None:
-    """One refit from this rank. `slot=None`: no engine shares this device; only take part in the gather."""
-    torch_dtype = getattr(torch, dtype)
-    weights = worker.iter_weights(torch_dtype)
-    if slot is None:
-        for _ in weights:
-            pass
-        return None
-    sender = getattr(worker, _SENDER, None)
-    if sender is None:
-        key = local_device_key(worker, slot)
-        address = ray.get(get_rendezvous(job).lookup.remote(key, timeout_s))
-        size = buffer_bytes(buffer_size_mb, worker.device, auto_fraction=auto_fraction)
-        sender = RefitSender(address=address, token=token, job_dir=job_dir, device=worker.device.type,
-                             buffer_bytes=size, timeout_s=timeout_s)
-        setattr(worker, _SENDER, sender)
-    meta = manifest_meta_of(worker.weights_manifest(torch_dtype))
-    return asdict(sender.stream(weights, meta))
-
-
-def close_sender(worker: Any) -> None:
-    sender = getattr(worker, _SENDER, None)
-    if sender is not None:
-        sender.close()
-        setattr(worker, _SENDER, None)
+def store_host() -> str:
+    """Where the split transport's store listens: loopback when the cluster is this one node, else this
+    node's cluster address (never every interface)."""
+    if sum(1 for node in ray.nodes() if node.get("Alive")) <= 1:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address()

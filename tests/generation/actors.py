@@ -7,8 +7,8 @@ import os
 import ray
 from safetensors.torch import load_file
 
+from colocate.refit.ipc.sender import RefitSender
 from colocate.refit.plan import tensor_meta
-from colocate.refit.sender import RefitSender
 from colocate.rendezvous import get_rendezvous
 
 
@@ -41,7 +41,8 @@ class CheckpointBroadcaster:
 
     def __init__(self, *, job: str, token: str, world_size: int, timeout_s: float, buffer_bytes: int = 64 << 10,
                  device: str = "cpu") -> None:
-        from colocate.refit.broadcast import BroadcastSender, publish_master
+        from colocate.refit.nccl.sender import BroadcastSender
+        from colocate.rendezvous import publish_master
 
         self.device = device
         self.sender = BroadcastSender(host=ray.util.get_node_ip_address(), world_size=world_size, device=device,

@@ -14,8 +14,8 @@ import ray
 from transformers import AutoTokenizer
 
 from colocate.generation.group import GenerationGroup
-from colocate.refit.futures import await_refit
-from colocate.refit.jobdir import new_job_dir, new_token
+from colocate.refit.driver import await_refit
+from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from tests import hf_reference as hf
 from tests.generation.actors import CheckpointBroadcaster, CheckpointSender
 
@@ -53,7 +53,7 @@ def test_refit_during_generation_never_mixes_versions(group, models):
     assert want_first[0] != want_first[1]
 
     job, job_dir, token = "test-generation-async", new_job_dir(), new_token()
-    [key] = group.open_refit(job, job_dir, token, TIMEOUT)
+    [key] = [i["key"] for i in group.open_refit("zmq", job=job, token=token, timeout_s=TIMEOUT, job_dir=job_dir)]
     sender = CheckpointSender.remote(job=job, job_dir=job_dir, token=token, key=key, timeout_s=TIMEOUT)
     ray.get(sender.__ray_ready__.remote())
 
@@ -85,14 +85,14 @@ def test_broadcast_refit_into_the_async_engine(group, models):
     prompt_ids = [tok(p)["input_ids"] for p in FIRST]
     job = "test-generation-async-bcast"
     token = new_token()
-    [info] = group.open_broadcast(job, token=token, world_size=2, timeout_s=TIMEOUT, connect_timeout_s=TIMEOUT)
+    [info] = group.open_refit("broadcast", job=job, token=token, timeout_s=TIMEOUT, connect_timeout_s=TIMEOUT)
     assert info["rank"] == 1
     sender = CheckpointBroadcaster.remote(job=job, token=token, world_size=2, timeout_s=TIMEOUT)
     before = group.weight_versions()[0]
-    await_refit({"sender": [sender.stream.remote(models[0])], "receiver": group.receive_broadcast_futures()},
+    await_refit({"sender": [sender.stream.remote(models[0])], "receiver": group.receive_refit_futures()},
                 timeout_s=2 * TIMEOUT)
     assert group.weight_versions() == [before + 1]
     rollouts = group.generate(FIRST, temperature=0.0, max_tokens=16)
     assert [r.response_ids for r in rollouts] == hf.greedy(models[0], prompt_ids, 16)
-    group.close_broadcast()
+    group.close_refit()
     ray.get(sender.close.remote())

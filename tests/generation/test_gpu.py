@@ -18,8 +18,8 @@ import ray
 from colocate.generation.errors import GenerationWorkerError, WeightsIncompleteError
 from colocate.generation.group import GenerationGroup
 from colocate.models.tiny import build_tiny_model
-from colocate.refit.futures import await_refit
-from colocate.refit.jobdir import new_job_dir, new_token
+from colocate.refit.driver import await_refit
+from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from tests.generation.actors import CheckpointSender
 
 pytestmark = pytest.mark.gpu
@@ -45,7 +45,7 @@ def test_sleep_wake_refit_on_gpu(ray_session, tmp_path, engine, level):
     group = GenerationGroup(engine=engine, model=a, **ENGINE)
     assert greedy(group) != want_b
     job, job_dir, token = f"test-generation-gpu-{engine}", new_job_dir(), new_token()
-    [key] = group.open_refit(job, job_dir, token, TIMEOUT)
+    [key] = [i["key"] for i in group.open_refit("zmq", job=job, token=token, timeout_s=TIMEOUT, job_dir=job_dir)]
     assert "/cuda:" in key
     # The policy rank's stand-in shares the GPU with the engine, as in colocated training.
     sender = CheckpointSender.options(num_gpus=0.5).remote(job=job, job_dir=job_dir, token=token, key=key,

@@ -22,9 +22,9 @@ from colocate.generation.errors import (
     WeightsIncompleteError,
 )
 from colocate.generation.group import GenerationGroup
+from colocate.refit.driver import await_refit
 from colocate.refit.errors import RefitError
-from colocate.refit.futures import await_refit
-from colocate.refit.jobdir import new_job_dir, new_token
+from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from tests import hf_reference as hf
 from tests.generation.actors import CheckpointBroadcaster, CheckpointSender
 
@@ -55,7 +55,7 @@ def prompt_ids(models) -> list[list[int]]:
 def refit_pair(group):
     """The group's receivers, registered with the rendezvous, and one sender per engine (one per "device")."""
     job, job_dir, token = "test-generation-group", new_job_dir(), new_token()
-    keys = group.open_refit(job, job_dir, token, TIMEOUT)
+    keys = [i["key"] for i in group.open_refit("zmq", job=job, token=token, timeout_s=TIMEOUT, job_dir=job_dir)]
     assert len(keys) == 2 and keys[0].endswith("/cpu:0") and keys[1].endswith("/cpu:1")
     senders = [CheckpointSender.remote(job=job, job_dir=job_dir, token=token, key=k, timeout_s=TIMEOUT)
                for k in keys]
@@ -140,17 +140,17 @@ def test_broadcast_refit(group, models, prompt_ids):
     """Split placement's transport into the same engines: one sender broadcasts to both."""
     job = "test-generation-group-bcast"
     token = new_token()
-    infos = group.open_broadcast(job, token=token, world_size=3, timeout_s=TIMEOUT, connect_timeout_s=TIMEOUT)
+    infos = group.open_refit("broadcast", job=job, token=token, timeout_s=TIMEOUT, connect_timeout_s=TIMEOUT)
     assert [i["rank"] for i in infos] == [1, 2]
     sender = CheckpointBroadcaster.remote(job=job, token=token, world_size=3, timeout_s=TIMEOUT)
     before = group.weight_versions()
     for seed in (1, 0):  # there and back, in the same group
         out = await_refit({"sender": [sender.stream.remote(models[seed])],
-                           "receiver": group.receive_broadcast_futures()}, timeout_s=4 * TIMEOUT)
+                           "receiver": group.receive_refit_futures()}, timeout_s=4 * TIMEOUT)
         assert [r["buckets"] for r in out["receiver"]] == [out["sender"][0]["buckets"]] * 2
         assert greedy(group) == hf.greedy(models[seed], prompt_ids, MAX_TOKENS)
     assert group.weight_versions() == [v + 2 for v in before]
-    group.close_broadcast()
+    group.close_refit()
     ray.get(sender.close.remote())
 
 

@@ -49,6 +49,7 @@ from colocate.policy.lr_schedule import LrDecay, lr_multiplier
 from colocate.policy.megatron import convert
 from colocate.policy.megatron.errors import MegatronModelError
 from colocate.policy.weights import ManifestEntry
+from colocate.refit.policy_side import StreamsRefits
 
 T = TypeVar("T")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -56,7 +57,7 @@ _METRIC_KEYS = ("loss", "tokens", "pg_loss", "kl", "clip_frac", "ratio_mean")
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja")  # tokenizer and configs; weights are written anew
 
 
-class MegatronPolicyWorker:
+class MegatronPolicyWorker(StreamsRefits):
     """One Megatron-core rank of the policy. See the module docstring for the conventions."""
 
     def __init__(

@@ -1,5 +1,5 @@
 """The process group of a split-placement refit: its own TCP store and backend (never the default group),
-bounded waits, and a failure on any rank raised on every rank. The protocol it carries is in `broadcast.py`."""
+bounded waits, and a failure on any rank raised on every rank. The protocol it carries is in `receiver.py`."""
 
 from __future__ import annotations
 
@@ -11,13 +11,21 @@ import logging
 import os
 import secrets
 import socket
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
 
-from colocate.refit.errors import RefitAuthError, RefitError, RefitManifestError, RefitTimeoutError, remote_error
-from colocate.refit.plan import ManifestError
+from colocate.refit.errors import (
+    RefitAbortedError,
+    RefitAuthError,
+    RefitError,
+    RefitTimeoutError,
+    as_side,
+    remote_error,
+)
+from colocate.refit.schedule import ABORT_POLL_S, AbortFn
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +172,24 @@ class Group:
         except Exception as e:
             raise self._lost(what, e, timeout_s) from e
 
+    def wait_abortable(self, work: dist.Work, what: str, abort_fn: AbortFn | None) -> None:
+        """`wait` for a collective that may take long to start (the next refit's header): asks `abort_fn`
+        while waiting, and on True aborts the group (it is then broken) with RefitAbortedError."""
+        if abort_fn is None:
+            return self.wait(work, what)
+        deadline = time.monotonic() + self.timeout_s
+        pause = 1e-4
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                raise self._lost(what, TimeoutError("no completion"))
+            if pause >= ABORT_POLL_S and abort_fn():
+                self._abort()
+                raise RefitAbortedError(f"{self.name}: refit aborted by the driver while waiting for {what} "
+                                        "(the other side failed)", side=self.side, echo=True)
+            time.sleep(min(pause, ABORT_POLL_S))
+            pause = min(2 * pause, ABORT_POLL_S)
+        self.wait(work, what)  # raises the collective's own error, if it failed
+
     def broadcast_wait(self, tensor: torch.Tensor, what: str) -> None:
         self.wait(self.broadcast(tensor, what), what)
 
@@ -196,9 +222,7 @@ class Group:
         if not failed:
             return
         if own is not None:
-            if isinstance(own, ManifestError) and not isinstance(own, RefitError):
-                raise RefitManifestError(f"{self.name}: {own}", side=self.side) from own
-            raise own
+            raise as_side(own, self.side) if isinstance(own, RefitError) else own
         origin = 0 if codes[0] else failed[0]  # the sender's failure explains the receivers' echoes
         try:
             info = json.loads(self.store.get(f"err/{refit_id}/{origin}"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from colocate.refit.jobdir import random_name
+from colocate.refit.ipc.jobdir import random_name
 
 
 class CudaIpc(msgspec.Struct, frozen=True):

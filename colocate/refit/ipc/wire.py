@@ -12,7 +12,7 @@ import hmac
 
 import msgspec
 
-from colocate.refit.buffers import Handle
+from colocate.refit.ipc.buffers import Handle
 from colocate.refit.plan import Manifest
 
 

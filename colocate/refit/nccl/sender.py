@@ -1,28 +1,27 @@
-"""The sending side of a split-placement refit (policy rank 0); the protocol is in `broadcast.py`."""
+"""The sending side of a split-placement refit (policy rank 0); the protocol is in `receiver.py`."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from colocate.refit.broadcast_frames import (
+from colocate.refit.errors import RefitError, RefitManifestError
+from colocate.refit.nccl.frames import (
     ABORT,
     OK,
     Header,
-    bucket_views,
     encode_manifest,
+    frame_buffers,
     frame_bytes,
     trailer_words,
     write_trailer,
 )
-from colocate.refit.broadcast_group import (
+from colocate.refit.nccl.group import (
     CONNECT_TIMEOUT_S,
     CUMEM_DEFAULT,
     Group,
@@ -31,18 +30,10 @@ from colocate.refit.broadcast_group import (
     nccl_env,
     publish_sender_proof,
 )
-from colocate.refit.errors import RefitError
-from colocate.refit.plan import Manifest, ManifestError, Meta, next_matching, plan
-from colocate.refit.sender import StreamStats, timed
+from colocate.refit.plan import Manifest, Meta, bucket_views, next_matching, plan
+from colocate.refit.schedule import AbortFn, SendStats, TwoSlots, timed
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class BroadcastSendStats(StreamStats):
-    manifest_sent: bool = False
-    """Whether this refit carried the manifest (the first one of a layout)."""
 
 
 class BroadcastSender:
@@ -93,9 +84,13 @@ class BroadcastSender:
     def manifest(self, meta: Meta) -> Manifest:
         return plan(meta, self.buffer_bytes)
 
-    def stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], meta: Meta) -> BroadcastSendStats:
+    def stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], meta: Meta, *,
+               abort_fn: AbortFn | None = None) -> SendStats:
         """Broadcast one refit. `meta` lists (name, dtype name, shape) in the order `named_tensors` yields
-        them; tensors may be produced lazily. Returns once every receiver has loaded everything."""
+        them; tensors may be produced lazily. Returns once every receiver has loaded everything.
+        `abort_fn` is accepted for symmetry with the ipc sender: the sender starts every collective, so it
+        never waits for a refit to begin, and a failed receiver is reported to it by the status all-reduce."""
+        del abort_fn
         self.connect()
         g = self._group
         assert g is not None
@@ -132,39 +127,24 @@ class BroadcastSender:
         except BaseException:
             self._sent_digest = None  # resend the manifest next time: a receiver may have dropped it
             raise
-        return BroadcastSendStats(refit_id=rid, buckets=len(manifest.buckets), bytes=manifest.total_bytes,
+        return SendStats(refit_id=rid, buckets=len(manifest.buckets), bytes=manifest.total_bytes,
                                   seconds=time.perf_counter() - t0, pack_seconds=pack_s, wait_seconds=wait_s,
                                   gather_seconds=gather[0], manifest_sent=bool(blob))
 
-    def _ensure_buffers(self, manifest: Manifest) -> None:
-        need = frame_bytes(max((b.nbytes for b in manifest.buckets if not b.oversized), default=0))
-        if not self._buffers or self._buffers[0].numel() < need:
-            self._buffers = [torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(2)]
-            self._views.clear()
-
     def _send_buckets(self, g: Group, rid: int, manifest: Manifest, it
                       ) -> tuple[BaseException | None, float, float]:
-        self._ensure_buffers(manifest)
-        in_flight: deque[tuple[dist.Work, int, str, torch.Tensor]] = deque()  # (work, slot, what, buffer)
+        buffers = frame_buffers(self._buffers, manifest, self.device)
+        if buffers is not self._buffers:
+            self._buffers, self._views = buffers, {}
+        # (work, what, buffer): the buffer stays referenced until its broadcast completed
+        slots: TwoSlots[tuple[dist.Work, str, torch.Tensor]] = TwoSlots(lambda w: g.wait(w[0], w[1]),
+                                                                         overlap=self.overlap)
         own: BaseException | None = None
-        pack_s = wait_s = 0.0
-        index, regular = 0, 0
+        pack_s = 0.0
+        index = 0
         entries = manifest.entries
-
-        def wait_oldest() -> None:
-            nonlocal wait_s
-            t = time.perf_counter()
-            work, _slot, what, _buf = in_flight.popleft()  # the buffer stays referenced until here
-            g.wait(work, what)
-            wait_s += time.perf_counter() - t
-
         for b in manifest.buckets:
-            slot = -1 if b.oversized else regular % 2
-            regular += not b.oversized
-            # At most two buckets on the wire, and a buffer is refilled only once its broadcast completed.
-            while in_flight and (not self.overlap or len(in_flight) >= 2
-                                 or any(s == slot for _, s, _, _ in in_flight)):
-                wait_oldest()
+            slot = slots.next_slot(b.oversized)
             t = time.perf_counter()
             buf = (torch.empty(frame_bytes(b.nbytes), dtype=torch.uint8, device=self.device) if b.oversized
                    else self._buffers[slot][:frame_bytes(b.nbytes)])
@@ -187,14 +167,13 @@ class BroadcastSender:
             write_trailer(buf, b, trailer_words(rid, b.index, ABORT if own else OK))
             pack_s += time.perf_counter() - t
             what = f"receivers to take bucket {b.index}/{len(manifest.buckets)} of refit {rid}"
-            in_flight.append((g.broadcast(buf, what), slot, what, buf))
+            slots.sent(slot, (g.broadcast(buf, what), what, buf))
         if own is None:
             leftover = next(it, None)
             if leftover is not None:
-                own = ManifestError(f"extra tensor {leftover[0]!r} not in the manifest")
-        while in_flight:
-            wait_oldest()
-        return own, pack_s, wait_s
+                own = RefitManifestError(f"extra tensor {leftover[0]!r} not in the manifest", side="sender")
+        slots.drain()
+        return own, pack_s, slots.wait_seconds
 
     def close(self) -> None:
         """Tear the group down and stop the store. Receivers should close too; a new sender can follow."""

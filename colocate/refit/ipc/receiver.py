@@ -2,8 +2,8 @@
 
 Protocol state machine (receiver side). S = sender, R = receiver; every frame is [token, header] (wire.py).
 
-    IDLE ──Prepare(manifest)──▶ IDLE          check it (`expected`, then `check_fn`: does the engine accept
-                                              every tensor and is every parameter filled?), else Error;
+    IDLE ──Prepare(manifest)──▶ IDLE          check it (`check_fn`: does the engine accept every tensor and
+                                              is every parameter filled?), else Error;
                                               store it by digest; Ack
     IDLE ──Release(ids)───────▶ IDLE          close the cached buffers S freed (no reply: S may be gone)
     IDLE ──Begin(digest)──────▶ RECEIVING     unknown digest -> Error; call begin_fn; Ack
@@ -19,6 +19,8 @@ Protocol state machine (receiver side). S = sender, R = receiver; every frame is
     any ──bad frame───────────▶ same state    wrong token or unparsable: counted in `rejected`, dropped;
                                               over `wire.MAX_FRAME_BYTES`: ZMQ drops the peer unread
     any ──nothing for timeout─▶ IDLE          raise RefitTimeoutError (S is dead or stuck)
+    any ──abort_fn() true─────▶ IDLE          (asked while waiting) the driver saw S's side fail: raise
+                                              RefitAbortedError
     any ──local exception─────▶ IDLE          send Error(kind, traceback) to S, drop cached buffers, raise
 
 Messages with a refit id no newer than the last one that ended for that sender (refit ids count per
@@ -33,38 +35,26 @@ import contextlib
 import os
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import zmq
 
-from colocate.refit import wire
-from colocate.refit.buffers import BufferCache
 from colocate.refit.checksum import checksum
-from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError, remote_error
-from colocate.refit.jobdir import ensure_private_dir, random_name
-from colocate.refit.plan import (
-    CheckFn,
-    Entry,
-    Expected,
-    Manifest,
-    ManifestError,
-    dtype_from_name,
-    manifest_meta,
-    manifest_mismatch,
+from colocate.refit.errors import (
+    RefitAbortedError,
+    RefitError,
+    RefitFrameError,
+    RefitManifestError,
+    RefitTimeoutError,
+    as_side,
+    remote_error,
 )
-
-LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
-
-
-@dataclass
-class ReceiveStats:
-    refit_id: int
-    buckets: int
-    bytes: int
-    seconds: float
-    load_seconds: float
+from colocate.refit.ipc import wire
+from colocate.refit.ipc.buffers import BufferCache
+from colocate.refit.ipc.jobdir import ensure_private_dir, random_name
+from colocate.refit.plan import CheckFn, Manifest, bucket_views, manifest_meta
+from colocate.refit.schedule import ABORT_POLL_S, AbortFn, LoadFn, ReceiveStats
 
 
 class RefitReceiver:
@@ -77,11 +67,10 @@ class RefitReceiver:
         timeout_s: float = 60.0,
         begin_fn: Callable[[], None] | None = None,
         finish_fn: Callable[[], None] | None = None,
-        expected: Sequence[tuple[str, str, tuple[int, ...]]] | None = None,
         check_fn: CheckFn | None = None,
     ) -> None:
-        """`expected`: the exact (name, dtype, shape) list to accept. `check_fn(meta)`: why the engine cannot
-        take a manifest's tensors (None: it can); both run once per manifest, before any bucket moves."""
+        """`check_fn(meta)`: why the engine cannot take a manifest's tensors (None: it can); it runs once per
+        manifest, before any bucket moves (`plan.expect` checks against an exact list)."""
         ensure_private_dir(job_dir)
         self.job_dir = job_dir
         self.token = token.encode()
@@ -89,9 +78,8 @@ class RefitReceiver:
         self.begin_fn = begin_fn
         self.finish_fn = finish_fn
         self.timeout_s = timeout_s
-        self.expected: Expected | None = (
-            {n: (d, tuple(s)) for n, d, s in expected} if expected is not None else None)
         self.check_fn = check_fn
+        self._abort_fn: AbortFn | None = None
         self.rejected = 0
         self.cache = BufferCache(job_dir)
         self._manifests: dict[str, Manifest] = {}
@@ -113,10 +101,15 @@ class RefitReceiver:
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000)):
+            if left <= 0:
                 raise RefitTimeoutError(
                     f"receiver: no message from the sender within {timeout_s:.1f}s (dead or stuck?)",
                     side="receiver")
+            if not self._sock.poll(int(min(left, ABORT_POLL_S) * 1000)):
+                if self._abort_fn is not None and self._abort_fn():
+                    raise RefitAbortedError("receiver: refit aborted by the driver (the sender's side failed)",
+                                            side="receiver", echo=True)
+                continue
             frames = self._sock.recv_multipart()
             try:
                 msg = wire.decode(self.token, frames[1:], to_receiver=True)
@@ -134,9 +127,10 @@ class RefitReceiver:
             self._sock.send_multipart([self._peer, *wire.encode(self.token, msg)], flags=zmq.NOBLOCK)
 
     # -- one refit ---------------------------------------------------------------------------------------
-    def receive(self, timeout_s: float | None = None) -> ReceiveStats:
+    def receive(self, timeout_s: float | None = None, *, abort_fn: AbortFn | None = None) -> ReceiveStats:
         """Serve messages until one refit completes (Done) or fails; see the state machine above."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        self._abort_fn = abort_fn
         manifest: Manifest | None = None
         seen: bytearray | None = None
         refit_id, seq, msg_refit_id, digest = 0, 0, 0, ""
@@ -156,7 +150,8 @@ class RefitReceiver:
                 elif isinstance(msg, wire.Begin):
                     manifest = self._manifests.get(msg.digest)
                     if manifest is None:
-                        raise ManifestError(f"refit {msg.refit_id}: unknown manifest {msg.digest}; prepare first")
+                        raise RefitManifestError(f"refit {msg.refit_id}: unknown manifest {msg.digest}; "
+                                                 "prepare first")
                     refit_id, seen = msg.refit_id, bytearray(len(manifest.entries))
                     digest = msg.digest
                     t0 = time.perf_counter()
@@ -166,7 +161,7 @@ class RefitReceiver:
                 elif isinstance(msg, wire.Abort):
                     raise remote_error(msg.kind, msg.message, side="sender", traceback=msg.traceback)
                 elif manifest is None or seen is None or msg.refit_id != refit_id:
-                    raise RefitError(f"receiver: {type(msg).__name__} for refit {msg.refit_id} before Begin")
+                    raise RefitFrameError(f"receiver: {type(msg).__name__} for refit {msg.refit_id} before Begin")
                 elif isinstance(msg, wire.Load):
                     t = time.perf_counter()
                     sums = self._load(manifest, seen, msg, digest)
@@ -177,24 +172,25 @@ class RefitReceiver:
                 elif isinstance(msg, wire.Done):
                     missing = [manifest.entries[i].name for i, s in enumerate(seen) if not s]
                     if missing:
-                        raise ManifestError(f"refit {refit_id}: {len(missing)} entries never arrived: "
+                        raise RefitManifestError(f"refit {refit_id}: {len(missing)} entries never arrived: "
                                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}")
                     if msg.buckets_sent != buckets:
-                        raise RefitError(f"sender sent {msg.buckets_sent} buckets, received {buckets}")
+                        raise RefitFrameError(f"sender sent {msg.buckets_sent} buckets, received {buckets}")
                     if self.finish_fn is not None:
                         self.finish_fn()
                     self._last_refit_id[self._peer] = refit_id
                     self._send(wire.Ack(msg.refit_id, msg.seq))
                     return ReceiveStats(refit_id, buckets, nbytes, time.perf_counter() - t0, load_s)
-        except RefitError:
-            # The sender already knows (Abort) or is gone (timeout): nothing to tell it.
+        except RefitError as e:
+            if not e.echo and not isinstance(e, (RefitTimeoutError, RefitAbortedError)):
+                # Our own finding (a mismatch, a bad frame): the sender must fail the same way.
+                self._send(wire.Error(msg_refit_id, seq, type(e).__name__, e.message, traceback.format_exc()))
+            # Otherwise the sender already knows (Abort) or is gone (timeout): nothing to tell it.
             self._fail(msg_refit_id)
-            raise
+            raise as_side(e, "receiver")  # noqa: B904 (the same exception, its side filled in)
         except Exception as e:
             self._send(wire.Error(msg_refit_id, seq, type(e).__name__, str(e), traceback.format_exc()))
             self._fail(msg_refit_id)
-            if isinstance(e, ManifestError):
-                raise RefitManifestError(f"receiver: {e}", side="receiver") from e
             raise
 
     def _fail(self, refit_id: int) -> None:
@@ -203,34 +199,33 @@ class RefitReceiver:
         self.cache.drop()
 
     def _check_expected(self, manifest: Manifest) -> None:
-        why = manifest_mismatch(manifest, self.expected)
-        if why is None and self.check_fn is not None:
-            why = self.check_fn(manifest_meta(manifest))
+        why = self.check_fn(manifest_meta(manifest)) if self.check_fn is not None else None
         if why is not None:
-            raise ManifestError(why)
+            raise RefitManifestError(why)
 
     def _load(self, manifest: Manifest, seen: bytearray, msg: wire.Load, digest: str) -> list[int] | None:
         if not 0 <= msg.bucket < len(manifest.buckets):
-            raise ManifestError(f"bucket {msg.bucket} not in manifest ({len(manifest.buckets)} buckets)")
+            raise RefitFrameError(f"bucket {msg.bucket} not in manifest ({len(manifest.buckets)} buckets)")
         bucket = manifest.buckets[msg.bucket]
         if msg.buffer.nbytes < bucket.nbytes:
-            raise ManifestError(f"bucket {msg.bucket} needs {bucket.nbytes} bytes, buffer has {msg.buffer.nbytes}")
+            raise RefitFrameError(f"bucket {msg.bucket} needs {bucket.nbytes} bytes, buffer has "
+                                  f"{msg.buffer.nbytes}")
         dup = [manifest.entries[i].name for i in range(bucket.first, bucket.last) if seen[i]]
         if dup:
-            raise ManifestError(f"bucket {msg.bucket}: entries arrived twice: {dup[:5]}")
+            raise RefitFrameError(f"bucket {msg.bucket}: entries arrived twice: {dup[:5]}")
         buf = self.cache.get(msg.buffer)
         try:
             entries = manifest.entries[bucket.first:bucket.last]
             typed = buf.views.get((digest, msg.bucket))
             if typed is None:
-                typed = [_view(buf.tensor[e.offset:e.offset + e.nbytes], e) for e in entries]
+                typed = bucket_views(buf.tensor, entries)
                 if not msg.buffer.temporary:
                     buf.views[(digest, msg.bucket)] = typed
             if msg.checksums is not None:
                 sums = [checksum(buf.tensor[e.offset:e.offset + e.nbytes]) for e in entries]
                 if sums != msg.checksums:
                     bad = [e.name for e, a, b in zip(entries, sums, msg.checksums, strict=True) if a != b]
-                    raise RefitError(f"bucket {msg.bucket}: checksum mismatch in {bad[:5]}")
+                    raise RefitFrameError(f"bucket {msg.bucket}: checksum mismatch in {bad[:5]}")
             else:
                 sums = None
             self.load_fn([(e.name, v) for e, v in zip(entries, typed, strict=True)])
@@ -251,6 +246,3 @@ class RefitReceiver:
         if os.path.exists(self._path):
             os.unlink(self._path)
 
-
-def _view(raw_u8: torch.Tensor, e: Entry) -> torch.Tensor:
-    return raw_u8.view(dtype_from_name(e.dtype)).view(e.shape)

@@ -1,8 +1,9 @@
 """The sending end of a colocated refit: packs a model's tensors into two alternating buffers (ping-pong).
 
 While the receiver loads bucket N from one buffer, the sender packs bucket N+1 into the other; a buffer is
-refilled only after the receiver's ack for the bucket it held. `overlap=False` waits for every ack before
-packing the next bucket (the serial baseline). The protocol is documented in `receiver.py`.
+refilled only after the receiver's ack for the bucket it held (`schedule.TwoSlots`). `overlap=False` waits
+for every ack before packing the next bucket (the serial baseline). The protocol is documented in
+`receiver.py`.
 
 The buffers live as long as the sender (the receiver keeps them opened across refits, which is what makes a
 refit cheap); oversized tensors go through temporary buffers freed at the end of their bucket. On any error
@@ -14,31 +15,28 @@ from __future__ import annotations
 import contextlib
 import time
 import traceback
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import zmq
 
-from colocate.refit import wire
-from colocate.refit.buffers import SendBuffer
 from colocate.refit.checksum import checksum
-from colocate.refit.errors import RefitError, RefitManifestError, RefitTimeoutError, remote_error
-from colocate.refit.plan import Entry, Manifest, ManifestError, Meta, dtype_from_name, next_matching, plan
+from colocate.refit.errors import (
+    RefitAbortedError,
+    RefitError,
+    RefitFrameError,
+    RefitManifestError,
+    RefitTimeoutError,
+    as_side,
+    remote_error,
+)
+from colocate.refit.ipc import wire
+from colocate.refit.ipc.buffers import SendBuffer
+from colocate.refit.plan import Entry, Manifest, Meta, bucket_views, next_matching, plan
+from colocate.refit.schedule import ABORT_POLL_S, AbortFn, SendStats, TwoSlots, timed
 
-
-@dataclass
-class StreamStats:
-    refit_id: int
-    buckets: int
-    bytes: int
-    seconds: float
-    pack_seconds: float
-    """Filling buffers, including `gather_seconds`."""
-    wait_seconds: float
-    gather_seconds: float = 0.0
-    """Inside the tensor iterator (an FSDP policy's all-gather of each parameter)."""
+# (seq, temporary buffer, checksums sent): a Load not yet acked
+InFlight = tuple[int, "SendBuffer | None", "list[int] | None"]
 
 
 class RefitSender:
@@ -65,13 +63,13 @@ class RefitSender:
         self.overlap = overlap
         self.verify = verify
         self.per_tensor = per_tensor
+        self._abort_fn: AbortFn | None = None
         self._refit_id = 0
         self._seq = 0
         self._prepared: str | None = None
         self._buffers: list[SendBuffer] = []
         self._temporaries: list[SendBuffer] = []  # oversized buckets in flight
-        # (seq, slot, temporary buffer, checksums sent): the Loads not yet acked
-        self._in_flight: deque[tuple[int, int, SendBuffer | None, list[int] | None]] = deque()
+        self._slots: TwoSlots[InFlight] = TwoSlots(self._finish, overlap=overlap)
         # Typed views into the ping-pong buffers per bucket, made once: building ~300 views costs more
         # Python time per refit than the copies themselves on a small model.
         self._views: dict[int, list[torch.Tensor]] = {}
@@ -100,10 +98,15 @@ class RefitSender:
         deadline = time.monotonic() + self.timeout_s
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000)):
+            if left <= 0:
                 raise RefitTimeoutError(
                     f"sender: no ack for message {seq} of refit {self._refit_id} within {self.timeout_s:.1f}s "
                     "(receiver dead or stuck?)", side="sender")
+            if not self._sock.poll(int(min(left, ABORT_POLL_S) * 1000)):
+                if self._abort_fn is not None and self._abort_fn():
+                    raise RefitAbortedError(f"sender: refit {self._refit_id} aborted by the driver (the "
+                                            "receiver's side failed)", side="sender", echo=True)
+                continue
             try:
                 msg = wire.decode(self.token, self._sock.recv_multipart(), to_receiver=False)
             except wire.BadFrame:
@@ -115,41 +118,56 @@ class RefitSender:
             if msg.seq == seq:
                 return msg
             if msg.seq > seq:
-                raise RefitError(f"sender: ack {msg.seq} arrived before ack {seq}")
+                raise RefitFrameError(f"sender: ack {msg.seq} arrived before ack {seq}", side="sender")
 
     # -- streaming ---------------------------------------------------------------------------------------
     def manifest(self, meta: Meta) -> Manifest:
         return plan(meta, self.buffer_bytes, one_per_bucket=self.per_tensor)
 
-    def stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], meta: Meta) -> StreamStats:
+    def stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], meta: Meta, *,
+               abort_fn: AbortFn | None = None) -> SendStats:
         """Send one refit. `meta` lists (name, dtype name, shape) in the order `named_tensors` yields them;
-        the iterator may produce tensors lazily (gathered one at a time)."""
+        the iterator may produce tensors lazily (gathered one at a time). `abort_fn`: asked while waiting
+        for an ack; True ends the refit with RefitAbortedError (the driver saw the receiver's side fail)."""
+        self._abort_fn = abort_fn
         self._refit_id += 1
         t0 = time.perf_counter()
         try:
             return self._stream(named_tensors, self.manifest(meta), t0)
         except RefitError as e:
-            if e.side != "receiver":
+            if not e.echo and not isinstance(e, RefitManifestError):
                 self._abort(e)  # our own protocol failure: tell the receiver, which may still be waiting
+            elif isinstance(e, RefitManifestError) and not e.echo:
+                # Our own mismatch (a tensor not as planned): let the receiver finish the buckets already
+                # handed over first (their buffers must outlive its reads), then make it fail the same way.
+                self._drain()
+                self._abort(as_side(e, "sender"))
             self._release_all(tell_receiver=False)
             raise
         except Exception as e:
-            # Our own failure (bad tensor, bad iterator): the receiver must fail the same way, not time out.
-            # Let it finish the buckets already handed over first: their buffers must outlive its reads.
+            # Our own failure (bad iterator, a bug): the receiver must fail the same way, not time out.
             self._drain()
             self._abort(e)
             self._release_all(tell_receiver=False)
-            if isinstance(e, ManifestError):
-                raise RefitManifestError(f"sender: {e}", side="sender") from e
             raise
+
+    def _finish(self, item: InFlight) -> None:
+        seq, tmp, sums = item
+        ack = self._wait_ack(seq)
+        if tmp is not None:
+            tmp.close()
+            self._temporaries.remove(tmp)
+        if self.verify and ack.checksums != sums:  # the receiver's own sums, checked on this side too
+            raise RefitFrameError(f"sender: receiver's checksums for message {seq} differ from the sent ones",
+                                  side="sender")
 
     def _drain(self) -> None:
         try:
-            while self._in_flight:
-                self._wait_ack(self._in_flight.popleft()[0])
+            for seq, _tmp, _sums in self._slots.pending():
+                self._wait_ack(seq)
         except RefitError:
             pass  # the receiver failed too, or is gone: we report our own error
-        self._in_flight.clear()
+        self._slots.clear()
 
     def _abort(self, e: Exception) -> None:
         # Never blocks: a dead receiver must not cost a second timeout.
@@ -158,10 +176,11 @@ class RefitSender:
             self._sock.send_multipart(wire.encode(self.token, msg), flags=zmq.NOBLOCK)
 
     def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], manifest: Manifest,
-                t0: float) -> StreamStats:
+                t0: float) -> SendStats:
         rid = self._refit_id
         digest = manifest.digest()
-        if digest != self._prepared:
+        prepared = digest != self._prepared
+        if prepared:
             self._release_all(tell_receiver=True)
             self._views.clear()
             seq = self._next_seq()
@@ -172,35 +191,15 @@ class RefitSender:
         if not self.per_tensor and not self._buffers:
             self._buffers = [SendBuffer(self.buffer_bytes, device=self.device, job_dir=self.job_dir)
                              for _ in range(2)]
-        in_flight = self._in_flight
-        in_flight.clear()
-        pack_s = wait_s = 0.0
+        slots = self._slots = TwoSlots(self._finish, overlap=self.overlap)
+        pack_s = 0.0
         index = 0  # next manifest entry expected
         entries = manifest.entries
-
-        def wait_oldest() -> None:
-            nonlocal wait_s
-            t = time.perf_counter()
-            seq, _slot, tmp, sums = in_flight.popleft()
-            ack = self._wait_ack(seq)
-            wait_s += time.perf_counter() - t
-            if tmp is not None:
-                tmp.close()
-                self._temporaries.remove(tmp)
-            if self.verify and ack.checksums != sums:  # the receiver's own sums, checked on this side too
-                raise RefitError(f"sender: receiver's checksums for message {seq} differ from the sent ones")
-
         gather = [0.0]
         it = timed(iter(named_tensors), gather)
-        regular = 0  # the two buffers alternate over the buckets that use them
         for bucket in manifest.buckets:
             own = bucket.oversized or self.per_tensor
-            slot = -1 if own else regular % 2
-            regular += not own
-            # A buffer is refilled only after its ack; at most two buckets are ever in flight.
-            while in_flight and (not self.overlap or len(in_flight) >= 2
-                                 or any(s == slot for _, s, _, _ in in_flight)):
-                wait_oldest()
+            slot = slots.next_slot(own)
             t = time.perf_counter()
             group = []
             for e in entries[bucket.first:bucket.last]:
@@ -208,7 +207,7 @@ class RefitSender:
                 index += 1
             buf, tmp = self._buffer_for(own, slot, group)
             if tmp is None and bucket.index not in self._views:
-                self._views[bucket.index] = _views(buf, group)
+                self._views[bucket.index] = bucket_views(buf.tensor, [e for e, _ in group])
             sums = _pack(buf, group, self.verify, self._views.get(bucket.index) if tmp is None else None)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
@@ -216,17 +215,16 @@ class RefitSender:
             pack_s += time.perf_counter() - t
             seq = self._next_seq()
             self._send(wire.Load(rid, seq, bucket.index, buf.handle, sums))
-            in_flight.append((seq, slot, tmp, sums))
+            slots.sent(slot, (seq, tmp, sums))
         leftover = next(it, None)
         if leftover is not None:
-            raise ManifestError(f"extra tensor {leftover[0]!r} not in the manifest")
-        while in_flight:
-            wait_oldest()
+            raise RefitManifestError(f"extra tensor {leftover[0]!r} not in the manifest", side="sender")
+        slots.drain()
         seq = self._next_seq()
         self._send(wire.Done(rid, seq, len(manifest.buckets)))
         self._wait_ack(seq)
-        return StreamStats(rid, len(manifest.buckets), manifest.total_bytes, time.perf_counter() - t0,
-                           pack_s, wait_s, gather[0])
+        return SendStats(rid, len(manifest.buckets), manifest.total_bytes, time.perf_counter() - t0,
+                         pack_s, slots.wait_seconds, gather[0], manifest_sent=prepared)
 
     def _buffer_for(self, own: bool, slot: int, group: list[tuple[Entry, torch.Tensor]]
                     ) -> tuple[SendBuffer, SendBuffer | None]:
@@ -259,30 +257,14 @@ class RefitSender:
         self._sock.close(linger=200)  # long enough to hand the Release over, bounded if the peer is gone
 
 
-def timed(it, total: list[float]):
-    """Yield from `it`, adding the time spent producing each item to total[0]."""
-    while True:
-        t = time.perf_counter()
-        try:
-            item = next(it)
-        except StopIteration:
-            total[0] += time.perf_counter() - t
-            return
-        total[0] += time.perf_counter() - t
-        yield item
-
-
-def _views(buf: SendBuffer, group: list[tuple[Entry, torch.Tensor]]) -> list[torch.Tensor]:
-    return [buf.tensor[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape)
-            for e, _ in group]
-
-
 def _pack(buf: SendBuffer, group: list[tuple[Entry, torch.Tensor]], verify: bool,
           views: list[torch.Tensor] | None) -> list[int] | None:
     # A tensor shared in place (GPU, oversized or per-tensor) is its own buffer: nothing to copy.
     shared = buf.handle.temporary and buf.tensor.data_ptr() == group[0][1].data_ptr()
     if not shared:
-        for v, (e, t) in zip(views if views is not None else _views(buf, group), group, strict=True):
+        if views is None:
+            views = bucket_views(buf.tensor, [e for e, _ in group])
+        for v, (e, t) in zip(views, group, strict=True):
             if e.nbytes:
                 v.copy_(t, non_blocking=True)
     if not verify:

@@ -1,7 +1,8 @@
-"""The bytes of a split-placement refit on the wire: the header, each bucket's trailer, the manifest blob.
+"""The bytes of a split-placement refit on the wire: the header, each bucket's trailer, the manifest blob,
+and the two bucket buffers each rank keeps.
 
-Pure: no process group here; `broadcast.py` documents the protocol, `broadcast_sender.py` and
-`broadcast_receiver.py` move these bytes.
+Pure: no process group here; `receiver.py` documents the protocol, `sender.py` and `receiver.py` move
+these bytes.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 import msgspec
 import torch
 
-from colocate.refit.errors import RefitError
-from colocate.refit.plan import Bucket, Entry, Manifest, ManifestError, dtype_from_name
+from colocate.refit.errors import RefitFrameError, RefitManifestError
+from colocate.refit.plan import Bucket, Manifest
 
 MAGIC = 0x636F6C6F63617465  # "colocate"
 OK, ABORT = 0, 1
@@ -37,7 +38,7 @@ class Header:
     @classmethod
     def from_words(cls, w: Sequence[int]) -> Header:
         if len(w) != 8 or w[0] != MAGIC:
-            raise RefitError(f"bad refit header {list(w)[:2]}...: the sender is no colocate BroadcastSender")
+            raise RefitFrameError(f"bad refit header {list(w)[:2]}...: the sender is no colocate BroadcastSender")
         return cls(w[1], w[2], w[3], w[4], bool(w[5]), words_digest(w[6], w[7]))
 
 
@@ -74,12 +75,17 @@ def decode_manifest(blob: bytes) -> Manifest:
     try:
         return msgspec.json.decode(blob, type=Manifest)
     except msgspec.DecodeError as e:
-        raise ManifestError(f"unparsable manifest ({len(blob)} bytes): {e}") from None
+        raise RefitManifestError(f"unparsable manifest ({len(blob)} bytes): {e}") from None
 
 
-def bucket_views(buf: torch.Tensor, entries: Sequence[Entry]) -> list[torch.Tensor]:
-    """Typed views of each entry's bytes in a bucket buffer (flat uint8)."""
-    return [buf[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape) for e in entries]
+def frame_buffers(buffers: list[torch.Tensor], manifest: Manifest, device: torch.device) -> list[torch.Tensor]:
+    """The two buffers a rank alternates over for `manifest`'s regular buckets: `buffers` if they are big
+    enough, else two new ones (the sender and every receiver hold the same pair)."""
+    need = frame_bytes(max((b.nbytes for b in manifest.buckets if not b.oversized), default=0))
+    if buffers and buffers[0].numel() >= need:
+        return buffers
+    return [torch.empty(need, dtype=torch.uint8, device=device) for _ in range(2)]
+
 
 def write_trailer(buf: torch.Tensor, b: Bucket, words: list[int]) -> None:
     off = trailer_offset(b.nbytes)

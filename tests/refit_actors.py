@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from colocate.refit.ipc.sender import RefitSender
 from colocate.refit.plan import tensor_meta
-from colocate.rendezvous import device_key, get_rendezvous
+from colocate.rendezvous import abort_check, device_key, get_rendezvous
 
 EXT = "colocate.refit.engine_side.RefitExtension"
 
@@ -39,8 +39,9 @@ class EngineActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def receive(self) -> dict:
-        [stats] = self.llm.collective_rpc("colocate_refit_receive")
+    def receive(self, refit: int | None = None) -> dict:
+        """`refit`: its number, under which the driver may abort it (`rendezvous.abort`)."""
+        [stats] = self.llm.collective_rpc("colocate_refit_receive", kwargs={"refit": refit})
         self.llm.reset_prefix_cache()
         return stats
 
@@ -64,12 +65,13 @@ class EngineActor:
 @ray.remote(num_cpus=0)
 class SenderActor:
     def __init__(self, job: str, job_dir: str, token: str, timeout_s: float, buffer_bytes: int) -> None:
+        self.job = job
         address = ray.get(get_rendezvous(job).lookup.remote(_key("cpu:0"), timeout_s))
         self.sender = RefitSender(address=address, token=token, job_dir=job_dir, device="cpu",
                                   buffer_bytes=buffer_bytes, timeout_s=timeout_s)
 
     def stream(self, checkpoint: str, corrupt: str | None = None, drop: str | None = None,
-               reshape: str | None = None, delay_s: float = 0.0) -> dict:
+               reshape: str | None = None, delay_s: float = 0.0, refit: int | None = None) -> dict:
         tensors = [(n, t) for n, t in load_file(os.path.join(checkpoint, "model.safetensors")).items() if n != drop]
         if reshape is not None:  # a consistent manifest with one tensor the engine cannot hold: rows halved
             tensors = [(n, t[: t.shape[0] // 2] if n == reshape else t) for n, t in tensors]
@@ -81,8 +83,12 @@ class SenderActor:
                 time.sleep(delay_s)
                 yield item
 
-        stats = self.sender.stream(slowly(), meta)
+        abort_fn = abort_check(self.job, refit) if refit is not None else None
+        stats = self.sender.stream(slowly(), meta, abort_fn=abort_fn)
         return {"buckets": stats.buckets, "bytes": stats.bytes}
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def close(self) -> None:
         self.sender.close()

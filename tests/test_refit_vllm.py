@@ -12,7 +12,13 @@ import ray
 
 from colocate.refit.checksum import fingerprint
 from colocate.refit.driver import await_refit
-from colocate.refit.errors import RefitError, RefitManifestError, RefitPeerDiedError, RefitTimeoutError
+from colocate.refit.errors import (
+    RefitAbortedError,
+    RefitError,
+    RefitManifestError,
+    RefitPeerDiedError,
+    RefitTimeoutError,
+)
 from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from colocate.rendezvous import get_rendezvous
 from tests import hf_reference
@@ -105,22 +111,60 @@ def test_the_engine_refuses_an_inexact_manifest_before_any_bucket(pair, models, 
     assert ray.get(engine.unloaded_params.remote()) == []
 
 
-def test_a_killed_engine_is_reported_at_once_not_after_the_refit_timeout(pair, models):
+def test_a_killed_engine_is_reported_at_once_and_the_sender_aborted(pair, models):
     """kill -9 of the engine mid-refit, with a 60 s refit timeout: the driver raises RefitPeerDiedError as soon
-    as Ray knows the process died, instead of waiting for the sender to give up."""
+    as Ray knows the process died (within 5 s), and aborts the sender, which was waiting for an ack."""
     job, job_dir, token = "test-refit-kill", new_job_dir(), new_token()
-    rendezvous = get_rendezvous(job)  # noqa: F841  (held: the actors look each other up through it)
+    rendezvous = get_rendezvous(job)  # held: the actors look each other up through it
     engine = EngineActor.remote(models[0], job, job_dir, token, 60.0)
     sender = SenderActor.remote(job, job_dir, token, 60.0, 64 << 10)
     pid = ray.get(engine.pid.remote())
-    futures = {"sender": [sender.stream.remote(models[1], delay_s=0.2)], "receiver": [engine.receive.remote()]}
+    futures = {"sender": [sender.stream.remote(models[1], delay_s=0.2, refit=1)],
+               "receiver": [engine.receive.remote(refit=1)]}
     time.sleep(1.0)  # mid-stream: 27 tensors at 0.2 s each
     os.kill(pid, signal.SIGKILL)
     t = time.perf_counter()
-    with pytest.raises(RefitPeerDiedError, match="refit failed on the receiver side"):
-        await_refit(futures, timeout_s=180.0)
-    assert time.perf_counter() - t < 30.0  # well before the sender's own 60 s timeout
+    with pytest.raises(RefitPeerDiedError, match="refit failed on the receiver side") as info:
+        await_refit(futures, timeout_s=180.0, abort=lambda: rendezvous.abort.remote(1))
+    assert time.perf_counter() - t < 5.0  # the issue's bound; the sender's own timeout is 60 s
+    assert info.value.side == "receiver"
+    # The survivor was aborted, not left waiting out its 60 s: its task has ended with the named echo.
+    with pytest.raises(ray.exceptions.RayTaskError) as sent:
+        ray.get(futures["sender"][0], timeout=5.0)
+    assert isinstance(sent.value.cause, RefitAbortedError) and sent.value.cause.echo
+    ray.get(sender.pid.remote(), timeout=5.0)  # and the sender's actor is free for the next call
     ray.kill(sender)
+
+
+def test_a_killed_policy_is_reported_at_once_and_the_engine_aborted_then_refits_exactly(pair, models, hf):
+    """kill -9 of the sending (policy) process mid-refit: RefitPeerDiedError on the sender side within 5 s,
+    the engine's update task aborted (not left waiting for its 60 s timeout), and the engine then takes a
+    refit from a new sender bit for bit."""
+    prompt_ids, want = hf
+    job, job_dir, token = "test-refit-kill-sender", new_job_dir(), new_token()
+    rendezvous = get_rendezvous(job)
+    engine = EngineActor.remote(models[0], job, job_dir, token, 60.0)
+    sender = SenderActor.remote(job, job_dir, token, 60.0, 64 << 10)
+    pid = ray.get(sender.pid.remote())
+    futures = {"sender": [sender.stream.remote(models[1], delay_s=0.2, refit=1)],
+               "receiver": [engine.receive.remote(refit=1)]}
+    time.sleep(1.0)
+    os.kill(pid, signal.SIGKILL)
+    t = time.perf_counter()
+    with pytest.raises(RefitPeerDiedError, match="refit failed on the sender side"):
+        await_refit(futures, timeout_s=180.0, abort=lambda: rendezvous.abort.remote(1))
+    assert time.perf_counter() - t < 5.0
+    with pytest.raises(ray.exceptions.RayTaskError) as got:
+        ray.get(futures["receiver"][0], timeout=5.0)
+    assert isinstance(got.value.cause, RefitAbortedError)
+    fresh = SenderActor.remote(job, job_dir, token, 60.0, 64 << 10)
+    await_refit({"sender": [fresh.stream.remote(models[1], refit=2)], "receiver": [engine.receive.remote(refit=2)]},
+                timeout_s=120.0)
+    received, _ = ray.get(engine.fingerprints.remote())
+    assert received == fingerprint_all(models[1])
+    assert ray.get(engine.greedy.remote(prompt_ids, MAX_TOKENS)) == want[1]
+    ray.get(fresh.close.remote())
+    ray.kill(engine)
 
 
 def test_a_stalled_engine_is_reported_within_the_timeout_and_a_few_seconds(pair, models):

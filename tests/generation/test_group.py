@@ -59,6 +59,8 @@ def refit_pair(group):
     assert len(keys) == 2 and keys[0].endswith("/cpu:0") and keys[1].endswith("/cpu:1")
     senders = [CheckpointSender.remote(job=job, job_dir=job_dir, token=token, key=k, timeout_s=TIMEOUT)
                for k in keys]
+    # Started before any refit: the receivers' timeout counts from the refit, not from a sender's start-up.
+    ray.get([s.__ray_ready__.remote() for s in senders])
     yield senders
     ray.get([s.close.remote() for s in senders])
 

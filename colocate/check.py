@@ -88,8 +88,14 @@ def static_check(model_dir: str) -> tuple[OfferCheck, int]:
 
 # ------------------------------------------------------------------------------------------ end to end
 def perturb(worker: Any, seed: int, scale: float) -> int:
-    """Add noise of `scale` times each tensor's mean magnitude to every local shard; runs on each policy rank."""
-    gen = torch.Generator().manual_seed(seed + 1000 * worker.rank)
+    """Add noise of `scale` times each tensor's mean magnitude to every local shard; runs on each policy rank.
+
+    FSDP2 ranks hold disjoint shards: each draws its own noise (seed + 1000 * rank). Megatron ranks of one
+    pipeline stage hold the same list of parameters (tensor-rank slices of equal shapes, replicated norms,
+    data-parallel replicas): they draw the same noise (seed + 1000 * stage), so norms and replicas stay equal
+    and every rank's `iter_weights` (what each colocated engine gets) is what rank 0 exports."""
+    stage = getattr(worker, "pp_rank", None)  # only the Megatron worker has one
+    gen = torch.Generator().manual_seed(seed + 1000 * (worker.rank if stage is None else stage))
     n = 0
     with torch.no_grad():
         for p in worker.model.parameters():

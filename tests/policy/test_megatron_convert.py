@@ -19,6 +19,7 @@ from colocate.policy.megatron.convert import (
     Dims,
     bucket_sources,
     dims_from_hf_config,
+    export_order,
     hf_shapes,
     hf_state,
     interleave_qkv,
@@ -101,6 +102,17 @@ def test_round_trip_is_bit_exact(checkpoints: dict[str, Path], model: str, tp: i
         assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape, name
         assert torch.equal(back[name], tensor), name
         assert hf_shapes(dims)[name] == tuple(tensor.shape), name
+
+
+@pytest.mark.parametrize("pp", [1, 2, 4])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_export_order_is_the_manifest_order(checkpoints: dict[str, Path], model: str, pp: int) -> None:
+    """`weights_manifest` promises `iter_weights`'s order without gathering: both walk `export_order`."""
+    dims = dims_from_hf_config(AutoConfig.from_pretrained(checkpoints[model]))
+    order = export_order(dims, pp)
+    assert [n for m in order for n in m.hf] == list(hf_shapes(dims))
+    assert [m.stage for m in order] == sorted(m.stage for m in order)  # stage by stage: each pipeline rank in turn
+    assert all(m.export for m in order) and len({m.megatron + str(m.stage) for m in order}) == len(order)
 
 
 def _bridge_merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, g: int, d: int) -> torch.Tensor:

@@ -170,6 +170,13 @@ def mappings(dims: Dims, pp_size: int = 1) -> list[Mapping]:
     return out
 
 
+def export_order(dims: Dims, pp_size: int = 1) -> list[Mapping]:
+    """The mappings a weight export walks (refit, `export_hf`), in the order it walks them; their `hf` names,
+    flattened, are `list(hf_shapes(dims))` for every `pp_size` (tests/policy/test_megatron_convert.py), which is
+    what lets `weights_manifest` promise the stream's order without gathering anything."""
+    return [m for m in mappings(dims, pp_size) if m.export]
+
+
 def hf_shapes(dims: Dims) -> dict[str, tuple[int, ...]]:
     """HF name -> shape of every tensor the conversion exports, in checkpoint order."""
     H, N, G, D, F, V = (dims.hidden_size, dims.num_heads, dims.num_kv_heads, dims.head_dim,
@@ -277,9 +284,8 @@ def megatron_state(get_hf: Callable[[str], torch.Tensor], dims: Dims, *, tp_size
 def hf_state(states: Sequence[Sequence[MappingABC[str, torch.Tensor]]], dims: Dims) -> dict[str, torch.Tensor]:
     """The full HF state dict from every rank's Megatron parameters, `states[pp_rank][tp_rank]`."""
     out: dict[str, torch.Tensor] = {}
-    for m in mappings(dims, len(states)):
-        if m.export:
-            out |= unshard(m, [tp_state[m.megatron] for tp_state in states[m.stage]], dims)
+    for m in export_order(dims, len(states)):
+        out |= unshard(m, [tp_state[m.megatron] for tp_state in states[m.stage]], dims)
     return out
 
 
@@ -287,7 +293,7 @@ def bucket_sources(hf_names: Iterable[str], dims: Dims, pp_size: int = 1) -> lis
     """The Megatron parameters (each with its stage) that make the HF tensors `hf_names`, in the order the names
     first need them, each once. A fused parameter (qkv, fc1) is listed for every bucket holding one of its
     HF tensors, so a bucket never waits on a later one."""
-    by_hf = {name: m for m in mappings(dims, pp_size) if m.export for name in m.hf}
+    by_hf = {name: m for m in export_order(dims, pp_size) for name in m.hf}
     out: list[Mapping] = []
     for name in hf_names:
         if name not in by_hf:

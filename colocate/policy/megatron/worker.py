@@ -20,10 +20,11 @@ GRPO losses and its token (or sequence) count; `distributed/finalize_model_grads
 over pipeline and data ranks and divides every gradient by the global count, and DDP then sums gradients over
 data ranks (`distributed/distributed_data_parallel.py:179-184`). That is `grpo_loss` of the whole batch.
 
-Weights out (refit, export): `iter_weights` walks `convert.mappings` in HF checkpoint order; per mapping the
-owning stage all-gathers the tensor ranks' slices (cast first: a cast is elementwise, so the same bits, and half
-the traffic in bf16), `convert.unshard` makes the HF tensors, and the owning stage broadcasts them over the
-pipeline group. Every rank yields every HF tensor; peak extra memory is one mapping's full tensors.
+Weights out (refit, export): `iter_weights` walks `convert.export_order` (HF checkpoint order, the order of
+`weights_manifest`); per mapping the owning stage all-gathers the tensor ranks' slices (cast first: a cast is
+elementwise, so the same bits, and half the traffic in bf16), `convert.unshard` makes the HF tensors, and the
+owning stage broadcasts them over the pipeline group. Every rank yields every HF tensor (a refit calls it on
+every rank); extra memory held is one mapping's full tensors.
 
 Shape legend: B = sequences, T = tokens per sequence, V = vocabulary (V_r: one tensor rank's slice).
 """
@@ -390,34 +391,51 @@ class MegatronPolicyWorker(StreamsRefits):
     # ---------------------------------------------------------------- weights and checkpoints
 
     def iter_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full HF tensors one mapping at a time, in HF names and checkpoint order, on every rank (a collective
-        generator: every rank must drive it to the end)."""
+        """`(HF name, full HF tensor)` of every exported weight, on every rank, in `weights_manifest(dtype)`'s
+        order (`convert.export_order`): a collective generator, so every rank must drive it to the end.
+
+        Why every rank, in one fixed order: a refit calls this on every policy rank at once (colocated: each
+        rank streams to the engine on its own GPU; split: rank 0 streams, the others drain it), and the
+        gathers inside are collectives that pair up only if all ranks issue them in the same order. Per
+        mapping (`convert.Mapping`):
+        - the owning stage's tensor ranks all-gather their slices (cast to `dtype` first: a cast is
+          elementwise, so gather-then-cast gives the same bits, with half the traffic in bf16). Replicated
+          parameters (norms) are gathered too and tp rank 0's copy is taken, so every rank yields the same
+          bits even if the copies ever drifted (a perturbation per rank, a non-deterministic kernel);
+        - `convert.unshard` makes the HF tensors (reshapes, slices, concatenations only: bit-exact);
+        - with pp > 1, each owning-stage rank broadcasts them over its pipeline group (the ranks of the same
+          tp rank on the other stages), so every stage's tensors reach every rank.
+        Memory: the slices are dropped before the first yield, so the extra memory held is one mapping's full
+        tensors (q, k, v; or gate, up; or one tensor), never the model; peak within a mapping is the gathered
+        slices plus their unsharded copies. A yielded tensor is valid until the next one is asked for.
+        """
         self._require(params=True)
+        out_dtype = dtype or self.param_dtype
         params = dict(self.model.module.named_parameters())
         shapes = convert.hf_shapes(self.dims)
-        for m in convert.mappings(self.dims, self.pp):
-            if not m.export:
-                continue
-            out_dtype = dtype or self.param_dtype
+        for m in convert.export_order(self.dims, self.pp):
             if m.stage == self.pp_rank:
-                local = params[m.megatron].detach().to(out_dtype)
-                if m.kind == "replicated" or self.tp == 1:
-                    shards = [local] * (1 if m.kind == "replicated" else self.tp)
+                local = params[m.megatron].detach().to(out_dtype).contiguous()
+                if self.tp == 1:
+                    shards = [local]
                 else:
                     shards = [torch.empty_like(local) for _ in range(self.tp)]
-                    dist.all_gather(shards, local.contiguous(), group=self.tp_group)
-                full = convert.unshard(m, shards, self.dims)
-                full = {name: t.contiguous() for name, t in full.items()}
+                    dist.all_gather(shards, local, group=self.tp_group)
+                full = {name: t.contiguous() for name, t in convert.unshard(m, shards, self.dims).items()}
+                del local, shards
             else:
                 full = {name: torch.empty(shapes[name], dtype=out_dtype, device=self.device) for name in m.hf}
             for name in m.hf:
                 if self.pp > 1:
                     dist.broadcast(full[name], src=self.pp_ranks[m.stage], group=self.pp_group)
                 yield name, full[name]
+            del full
 
     def weights_manifest(self, dtype: torch.dtype | None = None) -> list[ManifestEntry]:
-        """`(name, shape, dtype)` of what `iter_weights(dtype)` yields, in its order; gathers nothing."""
-        return [(name, shape, dtype or self.param_dtype) for name, shape in convert.hf_shapes(self.dims).items()]
+        """`(HF name, full shape, dtype)` of what `iter_weights(dtype)` yields, in its order; from the config
+        alone (`convert.export_order` / `hf_shapes`), so it gathers nothing and is the same on every rank."""
+        shapes, out_dtype = convert.hf_shapes(self.dims), dtype or self.param_dtype
+        return [(name, shapes[name], out_dtype) for m in convert.export_order(self.dims, self.pp) for name in m.hf]
 
     def _checkpoint_files(self, path: str) -> tuple[Path, Path]:
         from megatron.core import parallel_state

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The GPU runs behind issue #12's "must show" 2 (Megatron-core policy backend): on 2 H200s (device kind
+# nvidia-h200-x2), from the repository root after the device install (../shared/device/README.md). Results go
+# to $OUT. Modes (one or several per call; they share one deadline, BUDGET_S, default 540 s, so that a call
+# stays inside the 10-minute bound; a step that would get less than a minute is skipped and says so):
+#   bash docs/benchmarks/gpu_suite_megatron.sh test    # tests/policy/test_megatron_gpu.py: TP=2 fp32, PP=2 bf16 (~2 min)
+#   bash docs/benchmarks/gpu_suite_megatron.sh check   # colocate.check --refit --policy megatron: TP=2, then PP=2
+#   bash docs/benchmarks/gpu_suite_megatron.sh grpo    # 3 GRPO steps colocated, FSDP2 then Megatron TP=2; compare.json
+#   bash docs/benchmarks/gpu_suite_megatron.sh test check   # both in one call
+# Qwen2.5-1.5B shapes with random weights, drawn on the GPU when /tmp/qwen-random is absent (~30 s).
+set -u
+source /tmp/devenv.sh
+OUT=${OUT:-/tmp/colocate-gpu}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+DEADLINE=$((SECONDS + ${BUDGET_S:-540}))
+MODEL=/tmp/qwen-random
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/device.txt"
+
+# bounded CAP LOG CMD...: CMD with a timeout of min(CAP, time left - 15 s), output to LOG, its exit code at the
+# end of LOG and on stdout. After a timeout, the Ray processes it left (actors holding GPU memory) are stopped.
+bounded() {
+  local cap=$1 log=$2; shift 2
+  local t=$((DEADLINE - SECONDS - 15)); [ "$t" -gt "$cap" ] && t=$cap
+  if [ "$t" -lt 60 ]; then echo "skipped: only $t s left for: $*" | tee "$log"; return 0; fi
+  echo "[$(date +%T)] $* (bound $t s)"
+  timeout -k 10 "$t" "$@" > "$log" 2>&1
+  local rc=$?
+  echo "exit code: $rc (bound $t s, $SECONDS s into the call)" | tee -a "$log"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then python -m ray.scripts.scripts stop --force > /dev/null 2>&1; fi
+  return 0
+}
+
+weights() {
+  [ -f $MODEL/config.json ] && return 0
+  bounded 150 "$OUT/random_init.log" python -m colocate.models.random_init --shapes qwen2.5-1.5b --out $MODEL \
+    --dtype float32 --device cuda
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 test|check|grpo [...]"; exit 2; }
+for mode in "$@"; do
+  case $mode in
+  test)
+    bounded 420 "$OUT/test_megatron_gpu.log" python -m pytest -m gpu -x -q -rs --tb=short \
+      tests/policy/test_megatron_gpu.py
+    tail -4 "$OUT/test_megatron_gpu.log"
+    ;;
+  check)
+    # Policy ranks = engines (colocated, ZMQ + CUDA IPC): each rank streams the gathered HF tensors to the engine
+    # on its GPU; HF transformers runs on rank 0's export. fp32 (exactness, not bf16 rounding, is checked).
+    weights
+    for layout in "--tp 2" "--pp 2"; do
+      name=check_megatron_$(echo "$layout" | tr -d ' -')
+      bounded 270 "$OUT/$name.log" python -m colocate.check $MODEL --refit --device cuda --transport zmq \
+        --policy megatron $layout --workers 2 --timeout-s 60 --verbose --json "$OUT/$name.json"
+      grep -E "^  (ok|MISMATCH|skipped)|^\[|cannot|Error" "$OUT/$name.log" | grep -v Warning | tail -8
+    done
+    ;;
+  grpo)
+    # The GPU recipe (64 -> 32 prompts per step, to fit both runs in one call), both backends on the same
+    # model, placement and settings; a private Ray instance each.
+    weights
+    common=(+recipe=grpo_gpu model.path=$MODEL placement.policy_workers=2 placement.generation_workers=2
+            placement.ray_address=local algorithm.steps=3 algorithm.prompts_per_step=32 logging.progress=false)
+    # FSDP2 first (the known quantity, ~2-3 min), so Megatron gets whatever time is left.
+    bounded 210 "$OUT/grpo_fsdp2.log" python -m colocate.run "${common[@]}" hydra.run.dir="$OUT/grpo_fsdp2"
+    bounded 360 "$OUT/grpo_megatron_tp2.log" python -m colocate.run "${common[@]}" policy=megatron \
+      policy.tensor_parallel_size=2 hydra.run.dir="$OUT/grpo_megatron_tp2"
+    python - "$OUT" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+keys = ("step_s", "refit_ms", "refit_gather_ms", "refit_pack_ms", "refit_wait_ms", "refit_load_ms", "training_s",
+        "generation_s", "sleep_wake_s", "refit_share")
+result = {}
+for run in ("grpo_megatron_tp2", "grpo_fsdp2"):
+    path = out / run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    steps = [r for r in rows if r.get("step", 0) >= 1 and "step_s" in r]
+    later = steps[1:]  # step 1 carries the first refit's buffer set-up and IPC opening
+    result[run] = {
+        "steps": [{"step": r["step"], **{k: round(r[k], 4) for k in keys if k in r}} for r in steps],
+        "median_steps_2_on": {k: round(statistics.median(r[k] for r in later), 4) for k in keys
+                              if later and all(k in r for r in later)},
+    }
+(out / "compare.json").write_text(json.dumps(result, indent=1))
+print(f"{'':20s}" + "".join(f"{k:>16s}" for k in ("refit_ms", "step_s", "training_s", "generation_s")))
+for run, r in result.items():
+    for s in r["steps"]:
+        print(f"{run[5:]:13s} step {s['step']}" + "".join(
+            f"{s.get(k, float('nan')):16.1f}" for k in ("refit_ms", "step_s", "training_s", "generation_s")))
+EOF
+    grep -hE "Error|error:" "$OUT"/grpo_*.log | grep -v -i warn | tail -6
+    ;;
+  *) echo "unknown mode $mode (test | check | grpo)"; exit 2 ;;
+  esac
+done
+echo "done in $SECONDS s"

@@ -19,22 +19,33 @@ CTX = mp.get_context("spawn")
 
 
 def _gpu_receiver(conn, job_dir, token, refits):
+    import faulthandler
+    import traceback
+
     from colocate.refit.ipc.receiver import RefitReceiver
 
+    faulthandler.enable()  # a crash of this child shows in the test's output, not as a reset pipe alone
     got = {}
 
     def load(weights):
         for n, t in weights:
             got[n] = t.clone()
 
-    r = RefitReceiver(job_dir=job_dir, token=token, load_fn=load, timeout_s=60)
-    conn.send(r.address)
-    for _ in range(refits):
-        r.receive()
-        conn.send({n: t.cpu() for n, t in got.items()})
-        got.clear()
-    conn.send(len(r.cache))
-    r.close()
+    try:
+        r = RefitReceiver(job_dir=job_dir, token=token, load_fn=load, timeout_s=60)
+        conn.send(r.address)
+        for _ in range(refits):
+            r.receive()
+            # Raw bytes, not tensors: a CPU tensor sent over a Pipe goes through shared memory that the
+            # child may tear down as it exits.
+            conn.send({n: (str(t.dtype), tuple(t.shape), t.cpu().contiguous().view(-1).view(torch.uint8)
+                           .numpy().tobytes()) for n, t in got.items()})
+            got.clear()
+        conn.send(len(r.cache))
+        r.close()
+    except BaseException:
+        conn.send(("receiver failed", traceback.format_exc()))
+        raise
 
 
 def _tensors():
@@ -61,9 +72,11 @@ def test_cuda_ipc_stream_is_bit_identical(per_tensor):
     for _ in range(3):
         s.stream(iter(sent), tensor_meta(sent))
         got = conn.recv()
+        assert isinstance(got, dict), got
         assert list(got) == [n for n, _ in sent]
         for n, t in sent:
-            assert torch.equal(got[n], t.cpu()), n
+            want = t.cpu().contiguous()
+            assert got[n] == (str(want.dtype), tuple(want.shape), want.view(-1).view(torch.uint8).numpy().tobytes()), n
     assert conn.recv() == (0 if per_tensor else 2)  # ping-pong handles opened once, kept across refits
     s.close()
     proc.join(30)

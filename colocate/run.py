@@ -1,22 +1,26 @@
 """Entry point: `python -m colocate.run +recipe=grpo` (also as `ray job submit --working-dir . -- ...`).
 
-Compose the config, connect to Ray, build the placement and both groups, run, clean up.
+Compose the config, check everything the user handed in (`preflight`: a bad input is one line and exit
+code 2, before Ray starts), connect to Ray, build the placement and both groups, run, clean up.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from colocate.config import ROOT, Config, register
+from colocate.config import ROOT, Config, check_keys, register
+from colocate.errors import InputError
 
 register()
 log = logging.getLogger("colocate")
+INPUT_ERROR_EXIT = 2
 
 
 def resolve_model(cfg: Config, out_dir: Path) -> str:
@@ -27,16 +31,8 @@ def resolve_model(cfg: Config, out_dir: Path) -> str:
     return str(build_tiny_model(out_dir / "tiny-model", seed=cfg.model.tiny_seed))
 
 
-def check_model(model_path: str, *, allow_unverified: bool) -> None:
-    """A local checkpoint of an architecture the refit is verified exact for (`engine.support`)."""
-    from transformers import AutoConfig
-
-    from colocate.engine.support import check_supported
-
-    check_supported(AutoConfig.from_pretrained(model_path), allow_unverified=allow_unverified)
-
-
 def main(dcfg: DictConfig) -> dict:
+    check_keys(dcfg)  # `+key=value` gets past Hydra's own check
     cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg))
@@ -45,11 +41,13 @@ def main(dcfg: DictConfig) -> dict:
 
         return run_refit_bench(cfg, out_dir)
 
+    from colocate.preflight import preflight
+
+    preflight(cfg)  # before Ray, any actor, or the tiny model's build
     from colocate import cluster as clusters
     from colocate.train import train
 
     model_path = resolve_model(cfg, out_dir)
-    check_model(model_path, allow_unverified=cfg.model.allow_unverified)  # before Ray or any actor starts
     clusters.connect(cfg.placement.ray_address, cfg.placement.num_cpus)
     cluster = clusters.build(cfg, model_path, job=out_dir.name)
     try:
@@ -64,7 +62,11 @@ def main(dcfg: DictConfig) -> dict:
 
 @hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
-    main(dcfg)
+    try:
+        main(dcfg)
+    except InputError as e:  # the user's input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(INPUT_ERROR_EXIT)
 
 
 if __name__ == "__main__":

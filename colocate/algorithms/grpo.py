@@ -24,7 +24,10 @@ from typing import Any
 
 import torch
 
-from colocate.tasks.arithmetic import Problem, reward
+from colocate.data.problem import Problem
+
+# (completions, the problems they answer) -> one reward each; `train.py` passes a `RewardPool`'s.
+Score = Callable[[list[str], list[Problem]], list[float]]
 
 
 @dataclass
@@ -66,11 +69,12 @@ def timed(metrics: dict[str, Any], key: str) -> Iterator[None]:
 
 class GRPO:
     def __init__(self, *, policy: Any, generation: Any, refit: Callable[[], dict[str, float]], tokenizer: Any,
-                 train: list[Problem], val: list[Problem], prompts_per_step: int, samples_per_prompt: int,
+                 score: Score, train: list[Problem], val: list[Problem], prompts_per_step: int, samples_per_prompt: int,
                  temperature: float, top_p: float, max_new_tokens: int, seed: int,
                  sleep: bool = False, sleep_level: int = 1, offload: bool = False) -> None:
         self.policy, self.generation, self.refit = policy, generation, refit
         self.tok = tokenizer
+        self.score = score
         self.train, self.val = train, val
         self.P, self.G = prompts_per_step, samples_per_prompt
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
@@ -107,13 +111,14 @@ class GRPO:
         rollouts = self.generation.generate(self._encode(self.val), n=1, temperature=0.0, top_p=1.0,
                                             max_tokens=self.max_new_tokens, stop=None, seed=0)
         texts = [self.tok.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
-        return statistics.fmean(reward(t, p.answer) for t, p in zip(texts, self.val, strict=True))
+        return statistics.fmean(self.score(texts, self.val))
 
     # ---- one RL step ----------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, Any]:
-        """One RL step. Timed parts: generation_s, training_s (with the policy's onload), refit_ms, sleep_s,
-        wake_weights_s, wake_kv_s (sleep_wake_s: their sum), offload_s; step_s is the whole, and
-        refit_share = (refit + sleep/wake) / step."""
+        """One RL step. Timed parts: generation_s, reward_s, training_s (with the policy's onload), refit_ms,
+        sleep_s, wake_weights_s, wake_kv_s (sleep_wake_s: their sum), offload_s; step_s is the whole, and
+        refit_share = (refit + sleep/wake) / step. `sample`: the first rollout (prompt ids as the engine got
+        them, prompt text, completion, answer, reward)."""
         m: dict[str, Any] = {}
         step_start = time.perf_counter()
         problems = self._sample_problems(self.P)
@@ -125,13 +130,18 @@ class GRPO:
         n_tokens = sum(len(r) for r in responses)
         m["tokens_per_s"] = n_tokens / m["generation_s"]
         texts = [self.tok.decode(r, skip_special_tokens=True) for r in responses]
-        rewards_PG = torch.tensor([reward(text, problems[i // self.G].answer) for i, text in enumerate(texts)]
-                                  ).view(self.P, self.G)
+        with timed(m, "reward_s"):
+            rewards_B = self.score(texts, [problems[i // self.G] for i in range(len(texts))])
+        rewards_PG = torch.tensor(rewards_B).view(self.P, self.G)
         advantages_B = group_advantages(rewards_PG).view(-1)
         m["reward_mean"] = rewards_PG.mean().item()
         m["reward_std"] = rewards_PG.std(unbiased=False).item()
         m["accuracy"] = (rewards_PG.amax(dim=1) > 0).float().mean().item()  # pass@G over the batch
         m["weight_version"] = min(r.weight_version for r in rollouts)
+        # One rollout as the engine saw it (its prompt token ids) and as it was scored, for samples.jsonl.
+        first = rollouts[0]
+        m["sample"] = {"prompt_ids": list(first.prompt_ids), "prompt": self.tok.decode(first.prompt_ids),
+                       "completion": texts[0], "answer": problems[0].answer, "reward": rewards_B[0]}
 
         if self.sleep:
             with timed(m, "sleep_s"):

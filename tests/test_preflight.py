@@ -61,7 +61,7 @@ CASES = {  # name: (overrides, given tmp_path, the message's part that names wha
     "data format": (lambda t: [f"data.path={_write(t / 'd.txt', 'x')}"], "unknown format '.txt'"),
     "template": (lambda t: [*GSM8K, "data.template='{problem} Answer:'"],
                  "data.template names the field {problem}, which"),
-    "reward import": (lambda t: ["reward.fn=no_such_module_xyz:score"], "reward.fn: cannot import 'no_such_module_xyz'"),
+    "reward import": (lambda t: ["reward.fn=no_such_module_xyz:score"], "reward.fn: cannot import 'no_such_module"),
     "reward missing": (lambda t: ["reward.fn=tests.reward_fns:missing"], "module 'tests.reward_fns' has no 'missing'"),
     "reward name": (lambda t: ["reward.fn=maths"], "reward.fn: 'maths' is neither a built-in"),
 }

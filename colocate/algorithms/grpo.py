@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from colocate.data.problem import Problem
+from colocate.data.problem import DataError, Problem
 
 # (completions, the problems they answer) -> one reward each; `train.py` passes a `RewardPool`'s.
 Score = Callable[[list[str], list[Problem]], list[float]]
@@ -82,6 +82,15 @@ class GRPO:
         self.rng = torch.Generator().manual_seed(seed)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    def check_prompt_lengths(self, max_model_len: int) -> None:
+        """Refuse, before the first step, a prompt that leaves no room for `max_new_tokens` in the engine."""
+        for p in (*self.train, *self.val):
+            n = len(self._encode([p])[0])
+            if n + self.max_new_tokens > max_model_len:
+                raise DataError(f"row {p.index} has a prompt of {n} tokens: with algorithm.max_new_tokens="
+                                f"{self.max_new_tokens} it does not fit generation.max_model_len={max_model_len}",
+                                subject="generation.max_model_len")
 
     def _encode(self, problems: list[Problem]) -> list[list[int]]:
         return [self.tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]

@@ -51,7 +51,8 @@ def _train(cfg: Config, cluster: Cluster, out_dir: Path, pool: RewardPool) -> di
                 score=score, train=train_set, val=val_set, prompts_per_step=a.prompts_per_step,
                 samples_per_prompt=a.samples_per_prompt, temperature=a.temperature, top_p=a.top_p,
                 max_new_tokens=a.max_new_tokens, seed=cfg.data.seed, sleep=cfg.generation.sleep,
-                sleep_level=cfg.generation.sleep_level, offload=cfg.policy.offload)
+                sleep_level=cfg.generation.sleep_level, offload=cfg.policy.offload,
+                kl=cfg.policy.kl_coef > 0)
     grpo.check_prompt_lengths(cfg.generation.max_model_len)
     metrics = MetricsLogger(out_dir, tensorboard=cfg.logging.tensorboard)
     summary: dict[str, Any] = {"val_accuracy_initial": grpo.validate()}

@@ -47,7 +47,7 @@ def _run_main(tmp_path, overrides: list[str]) -> dict:
 
 
 def test_entry_point_runs_every_stage(tmp_path):
-    summary = _run_main(tmp_path, FEW_STEPS)
+    summary = _run_main(tmp_path, [*FEW_STEPS, "policy.kl_coef=0.1"])
     rows = read_metrics(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if r["step"] >= 1]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -58,6 +58,8 @@ def test_entry_point_runs_every_stage(tmp_path):
         assert r["refit_ms"] > 0
         assert r["generation_s"] + r["training_s"] + r["refit_ms"] / 1e3 <= r["step_s"]
         assert r["refit_share"] == pytest.approx((r["refit_ms"] / 1e3 + r["sleep_wake_s"]) / r["step_s"])
+        # The reference (initial weights) vs a policy the warm-up has moved: a real KL, measured in time.
+        assert r["kl"] > 0 and 0 < r["reference_s"] < r["training_s"]
     assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 2, 3]
     assert any("sft_nll" in r for r in rows)
     # one refit after the warm-up, one per step: the engines' weight version advanced each time

@@ -71,7 +71,8 @@ class GRPO:
     def __init__(self, *, policy: Any, generation: Any, refit: Callable[[], dict[str, float]], tokenizer: Any,
                  score: Score, train: list[Problem], val: list[Problem], prompts_per_step: int, samples_per_prompt: int,
                  temperature: float, top_p: float, max_new_tokens: int, seed: int,
-                 sleep: bool = False, sleep_level: int = 1, offload: bool = False) -> None:
+                 sleep: bool = False, sleep_level: int = 1, offload: bool = False, kl: bool = False) -> None:
+        """`kl`: the policy holds a frozen reference model; its per-token logprobs enter the loss's KL term."""
         self.policy, self.generation, self.refit = policy, generation, refit
         self.tok = tokenizer
         self.score = score
@@ -79,6 +80,7 @@ class GRPO:
         self.P, self.G = prompts_per_step, samples_per_prompt
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.sleep, self.sleep_level, self.offload = sleep, sleep_level, offload
+        self.kl = kl
         self.rng = torch.Generator().manual_seed(seed)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -126,8 +128,9 @@ class GRPO:
     def step(self, step: int) -> dict[str, Any]:
         """One RL step. Timed parts: generation_s, reward_s, training_s (with the policy's onload), refit_ms,
         sleep_s, wake_weights_s, wake_kv_s (sleep_wake_s: their sum), offload_s; step_s is the whole, and
-        refit_share = (refit + sleep/wake) / step. `sample`: the first rollout (prompt ids as the engine got
-        them, prompt text, completion, answer, reward)."""
+        refit_share = (refit + sleep/wake) / step; reference_s (inside training_s) with the KL term.
+        `sample`: the first rollout (prompt ids as the engine got them, prompt text, completion, answer,
+        reward)."""
         m: dict[str, Any] = {}
         step_start = time.perf_counter()
         problems = self._sample_problems(self.P)
@@ -161,10 +164,12 @@ class GRPO:
             prompts = [list(r.prompt_ids) for r in rollouts]
             b = pack_sequences(prompts, responses, self.pad)
             old_BT = self.policy.logprobs(b.input_ids_BT, b.attention_mask_BT)
-            train = self.policy.train_step({
-                "input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
-                "response_mask": b.response_mask_BT, "old_logprobs": old_BT, "advantages": advantages_B,
-            })
+            batch = {"input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
+                     "response_mask": b.response_mask_BT, "old_logprobs": old_BT, "advantages": advantages_B}
+            if self.kl:
+                with timed(m, "reference_s"):  # the reference's cost: one more forward pass of the batch
+                    batch["ref_logprobs"] = self.policy.reference_logprobs(b.input_ids_BT, b.attention_mask_BT)
+            train = self.policy.train_step(batch)
         m.update({k: train[k] for k in ("loss", "kl", "clip_frac", "grad_norm", "lr") if k in train})
 
         if self.sleep:

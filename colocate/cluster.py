@@ -151,7 +151,8 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
             model_path=model_path, device=p.device, lr=pol.lr, weight_decay=pol.weight_decay,
             warmup_steps=pol.warmup_steps, total_steps=max(cfg.algorithm.steps + cfg.algorithm.sft_steps, 1),
             max_grad_norm=pol.max_grad_norm, micro_batch_size=pol.micro_batch_size, param_dtype=pol.param_dtype,
-            clip_low=pol.clip_low, clip_high=pol.clip_high, kl_coef=pol.kl_coef, loss_agg=pol.loss_agg,
+            clip_low=pol.clip_low, clip_high=pol.clip_high, kl_coef=pol.kl_coef, reference=pol.kl_coef > 0,
+            loss_agg=pol.loss_agg,
             seed=pol.seed,
         )
         cluster.generation = GenerationGroup(

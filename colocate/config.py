@@ -5,11 +5,14 @@ keyword arguments the actors take (no config object crosses into an actor).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from colocate.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,7 +96,6 @@ class RefitConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "grpo"
     steps: int = 20
     prompts_per_step: int = 16
     samples_per_prompt: int = 8
@@ -107,21 +109,50 @@ class AlgorithmConfig:
     """Score the held-out prompts every k steps (0: never) and always after the last step."""
     checkpoint_every: int = 0
     """0: no checkpoints."""
-    resume_from: str | None = None
 
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"
-    jsonl: str | None = None
-    """A JSONL file of {"prompt", "answer"} rows instead of the generated task."""
-    max_operand: int = 9
+    path: str | None = None
+    """A local JSONL, Parquet or CSV file, or a folder written by `datasets`' `save_to_disk`; null: the
+    built-in arithmetic generator (`max_operand`)."""
+    prompt_key: str = "prompt"
+    """The row's field that holds the prompt (a text, or a list of chat messages {"role", "content"})."""
+    answer_key: str = "answer"
+    """The row's field that holds the gold answer the reward compares against."""
+    template: str | None = None
+    """A format string over the row's fields, e.g. "{question}\\nPut the final answer in \\boxed{{}}."; it
+    replaces `prompt_key` as the prompt."""
+    system_prompt: str | None = None
+    """A system message before the prompt (with the chat template) or a line before it (without)."""
+    chat: str = "auto"
+    """"auto": a data file's prompts go through the tokenizer's chat template when it has one (the arithmetic
+    generator's prompts stay raw: they are completions in the tiny corpus's format); "true" or "false"."""
+    val_path: str | None = None
+    """Held-out rows from a file of their own (same keys); null: the first `val_fraction` of the rows."""
     val_fraction: float = 0.2
+    max_operand: int = 9
+    """The arithmetic generator: operands 0..max_operand."""
     seed: int = 0
 
 
 @dataclass
+class RewardConfig:
+    fn: str = "exact_number"
+    """A built-in ("exact_number": the first number in the completion equals the answer; "exact_match": the
+    stripped completion equals it; "math": math-verify's comparison, see `colocate.rewards.math`) or
+    "module:function" taking (completion: str, row: dict) and returning a float."""
+    workers: int = 2
+    """Processes scoring completions in parallel; 0: in the driver, unbounded in time (for debugging)."""
+    timeout_s: float = 10.0
+    """A call that takes longer is killed and scores 0 (a pathological expression must not stall a run)."""
+
+
+@dataclass
 class LoggingConfig:
+    output_dir: str | None = None
+    """An absolute directory the run writes everything into (null: Hydra's `outputs/<date>/<time>/` under the
+    working directory, which `ray job submit` makes a private copy of)."""
     tensorboard: bool = True
     plot: bool = True
     progress: bool = True
@@ -147,6 +178,7 @@ class Config:
     refit: RefitConfig = field(default_factory=RefitConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
@@ -154,13 +186,107 @@ class Config:
 def register() -> None:
     """The schema, and every recipe in `recipes/` as an option of the `recipe` group (`+recipe=NAME`)."""
     cs = ConfigStore.instance()
+    # `hydra.run.dir` is `logging.output_dir` unless that is null (oc.select takes its default only for a
+    # missing key, not a null one).
+    if not OmegaConf.has_resolver("or_else"):
+        OmegaConf.register_new_resolver("or_else", lambda value, default: default if value is None else value)
     cs.store(name="colocate_schema", node=Config)
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
-class ConfigError(ValueError):
-    """An impossible or inconsistent configuration, found before any actor starts."""
+class ConfigError(InputError):
+    """An impossible or inconsistent configuration, found before any actor starts; `subject` names the config
+    key at fault (None where it is a combination)."""
+
+
+def unknown_keys(dcfg: DictConfig, schema: type = Config, prefix: str = "") -> list[str]:
+    """Keys of the composed config that the schema does not have.
+
+    Hydra's `+key=value` adds a key even to a struct config (that is what `+` is for), and `OmegaConf.to_object`
+    then carries it along unread; so the composed config is compared with the dataclasses, field by field.
+    """
+    names = {f.name: f.type for f in fields(schema)}
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in dcfg:
+        if not prefix and key == "hydra":  # present where the caller composed with return_hydra_config
+            continue
+        if key not in names:
+            found.append(f"{prefix}{key}")
+        elif is_dataclass(hints[key]) and isinstance(dcfg[key], DictConfig):
+            found += unknown_keys(dcfg[key], hints[key], f"{prefix}{key}.")
+    return found
+
+
+def check_keys(dcfg: DictConfig) -> None:
+    unknown = unknown_keys(dcfg)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}"
+                          + (f" (and {len(unknown) - 1} more: {unknown[1:]})" if len(unknown) > 1 else "")
+                          + "; the schema is colocate/config.py", subject=unknown[0])
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}", subject=key)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean")  # policy.grpo_loss.LOSS_AGGS, without importing torch here
+
+
+def check_values(cfg: Config) -> None:
+    """Every value the schema's types cannot rule out, before anything starts (no Ray, no cluster)."""
+    p, g, r, a, pol, d = cfg.placement, cfg.generation, cfg.refit, cfg.algorithm, cfg.policy, cfg.data
+    _require(cfg.mode in ("train", "refit_bench"), "mode", f"must be 'train' or 'refit_bench', got {cfg.mode!r}")
+    _require(p.mode in ("colocated", "split"), "placement.mode", f"must be 'colocated' or 'split', got {p.mode!r}")
+    _require(p.device in ("cpu", "cuda"), "placement.device", f"must be 'cpu' or 'cuda', got {p.device!r}")
+    _require(p.policy_workers >= 1, "placement.policy_workers", f"must be >= 1, got {p.policy_workers}")
+    _require(p.generation_workers >= 1, "placement.generation_workers", f"must be >= 1, got {p.generation_workers}")
+    _require(p.num_cpus is None or p.num_cpus >= 1, "placement.num_cpus", f"must be >= 1, got {p.num_cpus}")
+    _require(pol.lr > 0, "policy.lr", f"must be > 0, got {pol.lr}")
+    _require(pol.micro_batch_size >= 1, "policy.micro_batch_size", f"must be >= 1, got {pol.micro_batch_size}")
+    _require(pol.param_dtype in DTYPES, "policy.param_dtype", f"must be one of {DTYPES}, got {pol.param_dtype!r}")
+    _require(pol.kl_coef >= 0, "policy.kl_coef", f"must be >= 0, got {pol.kl_coef}")
+    _require(pol.clip_low >= 0 and pol.clip_high >= 0, "policy.clip_low",
+             f"clip_low and clip_high must be >= 0, got {pol.clip_low}, {pol.clip_high}")
+    _require(pol.loss_agg in LOSS_AGGS, "policy.loss_agg", f"must be one of {LOSS_AGGS}, got {pol.loss_agg!r}")
+    _require(g.dtype in DTYPES, "generation.dtype", f"must be one of {DTYPES}, got {g.dtype!r}")
+    _require(g.engine in ("sync", "async"), "generation.engine", f"must be 'sync' or 'async', got {g.engine!r}")
+    _require(g.max_model_len >= 2, "generation.max_model_len", f"must be >= 2, got {g.max_model_len}")
+    _require(0 < g.gpu_memory_utilization <= 1, "generation.gpu_memory_utilization",
+             f"must be in (0, 1], got {g.gpu_memory_utilization}")
+    _require(g.sleep_level in (1, 2), "generation.sleep_level", f"must be 1 or 2, got {g.sleep_level}")
+    _require(r.transport in ("auto", "zmq", "broadcast"), "refit.transport",
+             f"must be 'auto', 'zmq' or 'broadcast', got {r.transport!r}")
+    _require(r.buffer_size_mb is None or r.buffer_size_mb > 0, "refit.buffer_size_mb",
+             f"must be > 0 (or null: auto), got {r.buffer_size_mb}")
+    _require(0 < r.auto_fraction <= 1, "refit.auto_fraction", f"must be in (0, 1], got {r.auto_fraction}")
+    _require(r.timeout_s > 0, "refit.timeout_s", f"must be > 0, got {r.timeout_s}")
+    _require(a.steps >= 0, "algorithm.steps", f"must be >= 0, got {a.steps}")
+    _require(a.prompts_per_step >= 1, "algorithm.prompts_per_step", f"must be >= 1, got {a.prompts_per_step}")
+    _require(a.samples_per_prompt >= 1, "algorithm.samples_per_prompt", f"must be >= 1, got {a.samples_per_prompt}")
+    _require(a.max_new_tokens >= 1, "algorithm.max_new_tokens", f"must be >= 1, got {a.max_new_tokens}")
+    _require(a.max_new_tokens < g.max_model_len, "algorithm.max_new_tokens",
+             f"{a.max_new_tokens} leaves no room for a prompt in generation.max_model_len={g.max_model_len}")
+    _require(a.temperature >= 0, "algorithm.temperature", f"must be >= 0, got {a.temperature}")
+    _require(0 < a.top_p <= 1, "algorithm.top_p", f"must be in (0, 1], got {a.top_p}")
+    _require(a.sft_steps >= 0 and a.val_every >= 0 and a.checkpoint_every >= 0, "algorithm.sft_steps",
+             "sft_steps, val_every and checkpoint_every must be >= 0")
+    _require(str(d.chat).lower() in ("auto", "true", "false"), "data.chat",
+             f"must be auto, true or false, got {d.chat!r}")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _require(d.max_operand >= 1, "data.max_operand", f"must be >= 1, got {d.max_operand}")
+    _require(cfg.reward.workers >= 0, "reward.workers", f"must be >= 0, got {cfg.reward.workers}")
+    _require(cfg.reward.timeout_s > 0, "reward.timeout_s", f"must be > 0, got {cfg.reward.timeout_s}")
+    out = cfg.logging.output_dir
+    _require(out is None or Path(out).is_absolute(), "logging.output_dir",
+             f"must be an absolute path (a `ray job submit` runs in a private copy of the working directory), "
+             f"got {out!r}")
+    transport = r.transport if r.transport != "auto" else ("zmq" if p.mode == "colocated" else "broadcast")
+    _require(not (transport == "zmq" and p.mode == "split"), "refit.transport",
+             "'zmq' (CUDA IPC / shared memory) needs placement 'colocated'")
 
 
 def check_policy_parallel(pol: PolicyConfig, policy_workers: int) -> None:
@@ -177,14 +303,9 @@ def check_policy_parallel(pol: PolicyConfig, policy_workers: int) -> None:
 
 
 def check(cfg: Config, *, cluster_devices: int) -> str:
-    """Validate the placement against the cluster; returns the refit transport to use."""
+    """Validate the configuration and the placement against the cluster; returns the refit transport to use."""
+    check_values(cfg)
     p = cfg.placement
-    if p.mode not in ("colocated", "split"):
-        raise ConfigError(f"placement.mode must be 'colocated' or 'split', got {p.mode!r}")
-    if p.device not in ("cpu", "cuda"):
-        raise ConfigError(f"placement.device must be 'cpu' or 'cuda', got {p.device!r}")
-    if p.policy_workers < 1 or p.generation_workers < 1:
-        raise ConfigError("placement.policy_workers and placement.generation_workers must be >= 1")
     if p.device == "cuda":
         need = max(p.policy_workers, p.generation_workers) if p.mode == "colocated" else (
             p.policy_workers + p.generation_workers)
@@ -193,6 +314,9 @@ def check(cfg: Config, *, cluster_devices: int) -> str:
                               f"generation_workers={p.generation_workers}); the cluster has {cluster_devices}")
         if p.mode == "split" and cluster_devices < 2:
             raise ConfigError("placement 'split' needs at least 2 GPUs: one cluster device cannot be split")
+    if cfg.refit.transport != "auto":
+        return cfg.refit.transport
+    return "zmq" if p.mode == "colocated" else "broadcast"
     check_policy_parallel(cfg.policy, p.policy_workers)
     if cfg.generation.sleep_level not in (1, 2):
         raise ConfigError(f"generation.sleep_level must be 1 or 2, got {cfg.generation.sleep_level}")

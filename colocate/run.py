@@ -1,22 +1,26 @@
 """Entry point: `python -m colocate.run +recipe=grpo` (also as `ray job submit --working-dir . -- ...`).
 
-Compose the config, connect to Ray, build the placement and both groups, run, clean up.
+Compose the config, check everything the user handed in (`preflight`: a bad input is one line and exit
+code 2, before Ray starts), connect to Ray, build the placement and both groups, run, clean up.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from colocate.config import ROOT, Config, check_policy_parallel, register
+from colocate.config import ROOT, Config, check_keys, check_policy_parallel, register
+from colocate.errors import InputError
 
 register()
 log = logging.getLogger("colocate")
+INPUT_ERROR_EXIT = 2
 
 
 def resolve_model(cfg: Config, out_dir: Path) -> str:
@@ -25,15 +29,6 @@ def resolve_model(cfg: Config, out_dir: Path) -> str:
     from colocate.models.tiny import build_tiny_model
 
     return str(build_tiny_model(out_dir / "tiny-model", seed=cfg.model.tiny_seed))
-
-
-def check_model(model_path: str, *, allow_unverified: bool) -> None:
-    """A local checkpoint of an architecture the refit is verified exact for (`engine.support`)."""
-    from transformers import AutoConfig
-
-    from colocate.engine.support import check_supported
-
-    check_supported(AutoConfig.from_pretrained(model_path), allow_unverified=allow_unverified)
 
 
 def check_policy(cfg: Config, model_path: str | None = None) -> None:
@@ -53,6 +48,7 @@ def check_policy(cfg: Config, model_path: str | None = None) -> None:
 
 
 def main(dcfg: DictConfig) -> dict:
+    check_keys(dcfg)  # `+key=value` gets past Hydra's own check
     cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg))
@@ -61,13 +57,15 @@ def main(dcfg: DictConfig) -> dict:
 
         return run_refit_bench(cfg, out_dir)
 
-    check_policy(cfg)  # before anything is built
+    from colocate.preflight import preflight
+
+    preflight(cfg)  # before Ray, any actor, or the tiny model's build
+    check_policy(cfg)
     from colocate import cluster as clusters
     from colocate.train import train
 
     model_path = resolve_model(cfg, out_dir)
-    check_model(model_path, allow_unverified=cfg.model.allow_unverified)  # before Ray or any actor starts
-    check_policy(cfg, model_path)
+    check_policy(cfg, model_path)  # the model's shapes against the parallel sizes, still before Ray
     clusters.connect(cfg.placement.ray_address, cfg.placement.num_cpus)
     cluster = clusters.build(cfg, model_path, job=out_dir.name)
     try:
@@ -82,7 +80,11 @@ def main(dcfg: DictConfig) -> dict:
 
 @hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base=None)
 def _hydra_main(dcfg: DictConfig) -> None:
-    main(dcfg)
+    try:
+        main(dcfg)
+    except InputError as e:  # the user's input: one line, no traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(INPUT_ERROR_EXIT)
 
 
 if __name__ == "__main__":

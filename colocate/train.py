@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -12,8 +13,10 @@ from tqdm import tqdm
 from colocate.algorithms.grpo import GRPO
 from colocate.cluster import Cluster
 from colocate.config import Config
+from colocate.data.build import build_problems
+from colocate.data.problem import Problem
 from colocate.metrics import MetricsLogger, plot_rewards, plot_step_time
-from colocate.tasks.arithmetic import load_jsonl, split_problems
+from colocate.rewards.pool import Item, RewardPool
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +30,30 @@ def _set_lr(worker: Any, lr: float) -> None:
 
 
 def train(cfg: Config, cluster: Cluster, out_dir: Path) -> dict[str, Any]:
+    pool = RewardPool(cfg.reward.fn, workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s)
+    try:
+        return _train(cfg, cluster, out_dir, pool)
+    finally:
+        pool.close()
+
+
+def _train(cfg: Config, cluster: Cluster, out_dir: Path, pool: RewardPool) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    a, d = cfg.algorithm, cfg.data
+    a = cfg.algorithm
     tok = AutoTokenizer.from_pretrained(cluster.model_path)
-    if d.jsonl:
-        problems = load_jsonl(d.jsonl)
-        n_val = max(1, int(len(problems) * d.val_fraction))
-        train_set, val_set = problems[n_val:], problems[:n_val]
-    else:
-        train_set, val_set = split_problems(d.max_operand, d.val_fraction, d.seed)
+    train_set, val_set = build_problems(cfg.data, tok)
+
+    def score(texts: list[str], problems: list[Problem]) -> list[float]:
+        return pool.score([Item(t, p.answer, p.row, p.index) for t, p in zip(texts, problems, strict=True)])
+
     grpo = GRPO(policy=cluster.policy, generation=cluster.generation, refit=cluster.refit, tokenizer=tok,
-                train=train_set, val=val_set, prompts_per_step=a.prompts_per_step,
+                score=score, train=train_set, val=val_set, prompts_per_step=a.prompts_per_step,
                 samples_per_prompt=a.samples_per_prompt, temperature=a.temperature, top_p=a.top_p,
-                max_new_tokens=a.max_new_tokens, seed=d.seed, sleep=cfg.generation.sleep,
-                sleep_level=cfg.generation.sleep_level, offload=cfg.policy.offload)
+                max_new_tokens=a.max_new_tokens, seed=cfg.data.seed, sleep=cfg.generation.sleep,
+                sleep_level=cfg.generation.sleep_level, offload=cfg.policy.offload,
+                kl=cfg.policy.kl_coef > 0)
+    grpo.check_prompt_lengths(cfg.generation.max_model_len)
     metrics = MetricsLogger(out_dir, tensorboard=cfg.logging.tensorboard)
     summary: dict[str, Any] = {"val_accuracy_initial": grpo.validate()}
     bar = not cfg.logging.progress
@@ -60,8 +72,12 @@ def train(cfg: Config, cluster: Cluster, out_dir: Path) -> dict[str, Any]:
     log.info("held-out accuracy before RL: %.3f", start)
 
     t0 = time.perf_counter()
+    samples = (out_dir / "samples.jsonl").open("a")  # one rollout per step: what the engine got, what it said
     for step in (pbar := tqdm(range(1, a.steps + 1), desc="GRPO", disable=bar)):
         m = grpo.step(step)
+        samples.write(json.dumps({"step": step, **m.pop("sample")}) + "\n")
+        samples.flush()
+        m["reward_timeouts"] = pool.timeouts
         if step == a.steps or (a.val_every and step % a.val_every == 0):  # always a final held-out score
             m["val_accuracy"] = grpo.validate()
         if a.checkpoint_every and step % a.checkpoint_every == 0:
@@ -73,6 +89,7 @@ def train(cfg: Config, cluster: Cluster, out_dir: Path) -> dict[str, Any]:
     summary["val_accuracy_end"] = m.get("val_accuracy") if a.steps else start
     summary["train_seconds"] = time.perf_counter() - t0
     summary["weight_version"] = min(cluster.generation.weight_versions())
+    samples.close()
     metrics.close()
     if cfg.logging.plot:
         plot_rewards(metrics.path, out_dir / "reward_curve.png",

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from colocate.config import ROOT, Config, ConfigError, check, register
+from colocate.config import ROOT, Config, ConfigError, check, check_keys, check_values, register
 
 register()
 GROUPS = {p.name: sorted(x.stem for x in p.glob("*.yaml")) for p in (ROOT / "conf").iterdir() if p.is_dir()}
@@ -44,6 +44,49 @@ def test_misspelt_key_is_an_error_naming_it():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as info:
         _compose(["+recipe=grpo", "policy.learning_rate=1e-4"])
     assert "learning_rate" in str(info.value) or "learning_rate" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+policy.learning_rate=1e-4", "policy.learning_rate"),
+    ("+generation.chat=true", "generation.chat"),  # chat lives in data (data.chat)
+    ("+data.task=arithmetic", "data.task"),  # removed: never read
+    ("+algorithm.name=grpo", "algorithm.name"),
+    ("+data.jsonl=x.jsonl", "data.jsonl"),  # superseded by data.path
+    ("+nonsense=1", "nonsense"),
+])
+def test_added_unknown_key_is_an_error_naming_it(override, key):
+    """Hydra's `+` adds a key even to a struct config; the schema check refuses it."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        dcfg = compose(config_name="config", overrides=["+recipe=grpo", override])
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'") as info:
+        check_keys(dcfg)
+    assert info.value.subject == key
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_has_only_known_keys(recipe):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        check_keys(compose(config_name="config", overrides=[f"+recipe={recipe}"], return_hydra_config=True))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("placement.mode=bogus", "placement.mode"),
+    ("refit.buffer_size_mb=-5", "refit.buffer_size_mb"),
+    ("refit.timeout_s=0", "refit.timeout_s"),
+    ("algorithm.prompts_per_step=0", "algorithm.prompts_per_step"),
+    ("algorithm.max_new_tokens=64", "algorithm.max_new_tokens"),  # no room for a prompt in max_model_len=64
+    ("policy.param_dtype=fp8", "policy.param_dtype"),
+    ("policy.loss_agg=sum", "policy.loss_agg"),
+    ("generation.engine=fast", "generation.engine"),
+    ("data.chat=maybe", "data.chat"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
+    ("reward.timeout_s=-1", "reward.timeout_s"),
+    ("logging.output_dir=relative/dir", "logging.output_dir"),
+])
+def test_bad_value_is_an_error_naming_its_key(override, key):
+    with pytest.raises(ConfigError, match=f"^{key}: ") as info:
+        check_values(_compose(["+recipe=grpo", override]))
+    assert info.value.subject == key
 
 
 def test_wrong_type_is_an_error_naming_the_key():

@@ -24,7 +24,10 @@ from typing import Any
 
 import torch
 
-from colocate.tasks.arithmetic import Problem, reward
+from colocate.data.problem import DataError, Problem
+
+# (completions, the problems they answer) -> one reward each; `train.py` passes a `RewardPool`'s.
+Score = Callable[[list[str], list[Problem]], list[float]]
 
 
 @dataclass
@@ -66,18 +69,30 @@ def timed(metrics: dict[str, Any], key: str) -> Iterator[None]:
 
 class GRPO:
     def __init__(self, *, policy: Any, generation: Any, refit: Callable[[], dict[str, float]], tokenizer: Any,
-                 train: list[Problem], val: list[Problem], prompts_per_step: int, samples_per_prompt: int,
+                 score: Score, train: list[Problem], val: list[Problem], prompts_per_step: int, samples_per_prompt: int,
                  temperature: float, top_p: float, max_new_tokens: int, seed: int,
-                 sleep: bool = False, sleep_level: int = 1, offload: bool = False) -> None:
+                 sleep: bool = False, sleep_level: int = 1, offload: bool = False, kl: bool = False) -> None:
+        """`kl`: the policy holds a frozen reference model; its per-token logprobs enter the loss's KL term."""
         self.policy, self.generation, self.refit = policy, generation, refit
         self.tok = tokenizer
+        self.score = score
         self.train, self.val = train, val
         self.P, self.G = prompts_per_step, samples_per_prompt
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.sleep, self.sleep_level, self.offload = sleep, sleep_level, offload
+        self.kl = kl
         self.rng = torch.Generator().manual_seed(seed)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    def check_prompt_lengths(self, max_model_len: int) -> None:
+        """Refuse, before the first step, a prompt that leaves no room for `max_new_tokens` in the engine."""
+        for p in (*self.train, *self.val):
+            n = len(self._encode([p])[0])
+            if n + self.max_new_tokens > max_model_len:
+                raise DataError(f"row {p.index} has a prompt of {n} tokens: with algorithm.max_new_tokens="
+                                f"{self.max_new_tokens} it does not fit generation.max_model_len={max_model_len}",
+                                subject="generation.max_model_len")
 
     def _encode(self, problems: list[Problem]) -> list[list[int]]:
         return [self.tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
@@ -107,13 +122,15 @@ class GRPO:
         rollouts = self.generation.generate(self._encode(self.val), n=1, temperature=0.0, top_p=1.0,
                                             max_tokens=self.max_new_tokens, stop=None, seed=0)
         texts = [self.tok.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
-        return statistics.fmean(reward(t, p.answer) for t, p in zip(texts, self.val, strict=True))
+        return statistics.fmean(self.score(texts, self.val))
 
     # ---- one RL step ----------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, Any]:
-        """One RL step. Timed parts: generation_s, training_s (with the policy's onload), refit_ms, sleep_s,
-        wake_weights_s, wake_kv_s (sleep_wake_s: their sum), offload_s; step_s is the whole, and
-        refit_share = (refit + sleep/wake) / step."""
+        """One RL step. Timed parts: generation_s, reward_s, training_s (with the policy's onload), refit_ms,
+        sleep_s, wake_weights_s, wake_kv_s (sleep_wake_s: their sum), offload_s; step_s is the whole, and
+        refit_share = (refit + sleep/wake) / step; reference_s (inside training_s) with the KL term.
+        `sample`: the first rollout (prompt ids as the engine got them, prompt text, completion, answer,
+        reward)."""
         m: dict[str, Any] = {}
         step_start = time.perf_counter()
         problems = self._sample_problems(self.P)
@@ -125,13 +142,18 @@ class GRPO:
         n_tokens = sum(len(r) for r in responses)
         m["tokens_per_s"] = n_tokens / m["generation_s"]
         texts = [self.tok.decode(r, skip_special_tokens=True) for r in responses]
-        rewards_PG = torch.tensor([reward(text, problems[i // self.G].answer) for i, text in enumerate(texts)]
-                                  ).view(self.P, self.G)
+        with timed(m, "reward_s"):
+            rewards_B = self.score(texts, [problems[i // self.G] for i in range(len(texts))])
+        rewards_PG = torch.tensor(rewards_B).view(self.P, self.G)
         advantages_B = group_advantages(rewards_PG).view(-1)
         m["reward_mean"] = rewards_PG.mean().item()
         m["reward_std"] = rewards_PG.std(unbiased=False).item()
         m["accuracy"] = (rewards_PG.amax(dim=1) > 0).float().mean().item()  # pass@G over the batch
         m["weight_version"] = min(r.weight_version for r in rollouts)
+        # One rollout as the engine saw it (its prompt token ids) and as it was scored, for samples.jsonl.
+        first = rollouts[0]
+        m["sample"] = {"prompt_ids": list(first.prompt_ids), "prompt": self.tok.decode(first.prompt_ids),
+                       "completion": texts[0], "answer": problems[0].answer, "reward": rewards_B[0]}
 
         if self.sleep:
             with timed(m, "sleep_s"):
@@ -142,10 +164,12 @@ class GRPO:
             prompts = [list(r.prompt_ids) for r in rollouts]
             b = pack_sequences(prompts, responses, self.pad)
             old_BT = self.policy.logprobs(b.input_ids_BT, b.attention_mask_BT)
-            train = self.policy.train_step({
-                "input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
-                "response_mask": b.response_mask_BT, "old_logprobs": old_BT, "advantages": advantages_B,
-            })
+            batch = {"input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
+                     "response_mask": b.response_mask_BT, "old_logprobs": old_BT, "advantages": advantages_B}
+            if self.kl:
+                with timed(m, "reference_s"):  # the reference's cost: one more forward pass of the batch
+                    batch["ref_logprobs"] = self.policy.reference_logprobs(b.input_ids_BT, b.attention_mask_BT)
+            train = self.policy.train_step(batch)
         m.update({k: train[k] for k in ("loss", "kl", "clip_frac", "grad_norm", "lr") if k in train})
 
         if self.sleep:

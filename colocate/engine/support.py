@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from colocate.models.checkpoint_format import UnsupportedModelError
+from colocate.models.errors import UnsupportedModelError
 
 VERIFIED_ARCHITECTURES = frozenset({
     "LlamaForCausalLM",

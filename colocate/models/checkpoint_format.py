@@ -21,9 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-
-class UnsupportedModelError(ValueError):
-    """This model cannot be refit exactly (its architecture, or a layout the framework cannot stream)."""
+from colocate.models.errors import UnsupportedModelError  # re-exported: where callers have always found it
 
 
 def _revert(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -167,6 +167,12 @@ class PolicyGroup:
         out = self._run_split("logprobs", [shares[self.share_of[r]] for r in range(self.num_workers)])
         return torch.cat([out[r] for r in self.answering])
 
+    def reference_logprobs(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+        """As `logprobs`, under the frozen reference model (the workers were built with `reference=True`)."""
+        shares = [(ids, mask, True) for ids, mask in
+                  zip(self._split(input_ids_BT), self._split(attention_mask_BT), strict=True)]
+        return torch.cat(self._run_split("logprobs", shares))
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step on the whole batch; the metrics of the global batch (the same on every rank)."""
         split = {key: self._split(value) for key, value in batch.items()}

@@ -77,6 +77,7 @@ class PolicyWorker(StreamsRefits):
         clip_low: float = 0.2,
         clip_high: float = 0.2,
         kl_coef: float = 0.0,
+        reference: bool = False,
         loss_agg: LossAgg = "token_mean",
         temperature: float = 1.0,
         gradient_checkpointing: bool = False,
@@ -129,6 +130,14 @@ class PolicyWorker(StreamsRefits):
             min_lr_ratio=min_lr_ratio,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        # The KL term's reference: the initial weights, sharded like the policy, frozen, no optimizer.
+        self.reference: nn.Module | None = None
+        if reference:
+            ref = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=torch.float32, attn_implementation=_attention_for(model_path, attn_implementation)
+            )
+            ref.config.use_cache = False
+            self.reference = self._shard(ref.requires_grad_(False).eval(), self.param_dtype)
 
     # ---------------------------------------------------------------- setup
 
@@ -171,9 +180,10 @@ class PolicyWorker(StreamsRefits):
 
     # ---------------------------------------------------------------- forward
 
-    def _token_logprobs(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    def _token_logprobs(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+                        model: nn.Module | None = None) -> torch.Tensor:
         position_ids_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
-        logits_BTV = self.model(
+        logits_BTV = (model or self.model)(
             input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT
         ).logits
         # fp32 log-softmax: bf16 logits lose the small differences between old and new policy.
@@ -195,13 +205,18 @@ class PolicyWorker(StreamsRefits):
         return [slice(start, min(start + mbs, batch_size)) for start in range(0, batch_size, mbs)]
 
     @torch.no_grad()
-    def logprobs(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-        """log p(token t | tokens < t) for every position of this rank's batch, fp32 on CPU, column 0 zero."""
+    def logprobs(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+                 reference: bool = False) -> torch.Tensor:
+        """log p(token t | tokens < t) for every position of this rank's batch, fp32 on CPU, column 0 zero;
+        with `reference`, under the frozen reference model (built with `reference=True`)."""
         self._require(params=True)
-        self.model.eval()
+        if reference and self.reference is None:
+            raise RuntimeError(f"rank {self.rank}: no reference model (the worker was built without reference=True)")
+        model = self.reference if reference else self.model
+        model.eval()
         out_BT = [
             self._token_logprobs(
-                input_ids_BT[mb].to(self.device), attention_mask_BT[mb].to(self.device)
+                input_ids_BT[mb].to(self.device), attention_mask_BT[mb].to(self.device), model
             ).cpu()
             for mb in self._micro_batches(input_ids_BT.shape[0])
         ]

@@ -1,25 +1,17 @@
-"""A synthetic verifiable task: small additions, answer checked exactly.
+"""A synthetic verifiable task: small additions, answer checked exactly (`reward.fn=exact_number`).
 
     prompt:  "Q: 3+4= A:"        completion: " 7<eos>"
 
 The format matches `colocate.models.tiny.default_corpus`, so the tiny tokenizer splits digits one per token.
 Held-out prompts are the pairs whose index hashes into the validation split, disjoint from training pairs.
-A JSONL dataset ({"prompt": ..., "answer": ...} per line) can replace the generator.
+A data file (`data.path`, `colocate.data`) replaces the generator.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import re
-from dataclasses import dataclass
-from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Problem:
-    prompt: str
-    answer: str
+from colocate.data.problem import Problem
 
 
 def _pairs(max_operand: int) -> list[tuple[int, int]]:
@@ -30,22 +22,6 @@ def split_problems(max_operand: int, val_fraction: float, seed: int) -> tuple[li
     pairs = _pairs(max_operand)
     random.Random(seed).shuffle(pairs)
     n_val = max(1, int(len(pairs) * val_fraction))
-    make = [Problem(f"Q: {a}+{b}= A:", str(a + b)) for a, b in pairs]
+    make = [Problem(f"Q: {a}+{b}= A:", str(a + b), {"prompt": f"Q: {a}+{b}= A:", "answer": str(a + b)}, i)
+            for i, (a, b) in enumerate(pairs)]
     return make[n_val:], make[:n_val]
-
-
-def load_jsonl(path: str) -> list[Problem]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    try:
-        return [Problem(str(r["prompt"]), str(r["answer"])) for r in rows]
-    except KeyError as e:
-        raise ValueError(f"{path}: every line needs 'prompt' and 'answer' (missing {e})") from None
-
-
-_NUMBER = re.compile(r"-?\d+")
-
-
-def reward(completion: str, answer: str) -> float:
-    """1.0 when the first number in the completion is the answer, else 0.0."""
-    m = _NUMBER.search(completion)
-    return 1.0 if m is not None and m.group() == answer else 0.0

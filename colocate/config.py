@@ -297,6 +297,9 @@ def check_policy_parallel(pol: PolicyConfig, policy_workers: int) -> None:
     if pol.backend == "fsdp2" and (tp, pp) != (1, 1):
         raise ConfigError(f"policy.tensor_parallel_size={tp} and pipeline_parallel_size={pp}: FSDP2 shards "
                           "data-parallel only; use policy=megatron for tensor or pipeline parallelism")
+    if pol.backend == "megatron" and pol.kl_coef > 0:
+        raise ConfigError("policy.kl_coef > 0 needs a reference policy, which the Megatron backend does not have "
+                          "yet (FSDP2 does)", subject="policy.kl_coef")
     if tp < 1 or pp < 1 or policy_workers % (tp * pp):
         raise ConfigError(f"placement.policy_workers={policy_workers} is not a multiple of "
                           f"policy.tensor_parallel_size * pipeline_parallel_size = {tp} * {pp}")

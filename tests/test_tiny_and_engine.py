@@ -154,3 +154,16 @@ def test_refit_in_partial_buckets_matches_hf(llm, model_dirs, prompt_ids, hf_out
 def test_load_outside_begin_finish_raises(llm) -> None:
     with pytest.raises(RuntimeError, match="outside begin"):
         llm.collective_rpc("colocate_load_weights", args=([],))
+
+
+@pytest.mark.slow
+def test_a_large_batch_of_seeded_prompts_samples_on_cpu(llm) -> None:
+    """More prompt tokens than one engine step takes, each request with its own seed (as GRPO samples): on
+    vLLM 0.32's CPU runner a chunked prefill of a seeded request raises "CPU Generator does not use offset";
+    `make_llm` prefills prompts whole on CPU."""
+    from vllm import SamplingParams
+
+    prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % 200 for j in range(200)]} for i in range(64)]
+    params = [SamplingParams(temperature=1.0, max_tokens=4, seed=i) for i in range(64)]
+    results = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(r.outputs[0].token_ids) for r in results] == [4] * 64

@@ -89,7 +89,10 @@ class MegatronPolicyWorker(StreamsRefits):
         temperature: float = 1.0,
         seed: int = 0,
         dist_timeout_s: float = 1800.0,
+        reference: bool = False,
     ) -> None:
+        if reference:  # refused before start too (config.check_policy_parallel); here for direct callers
+            raise ValueError("the Megatron policy has no reference model yet: policy.kl_coef must be 0")
         if device != "cuda":
             raise ValueError(f"the Megatron policy runs on CUDA only, got device={device!r}")
         if param_dtype not in _DTYPES or loss_agg not in LOSS_AGGS:

@@ -164,6 +164,6 @@ def test_a_large_batch_of_seeded_prompts_samples_on_cpu(llm) -> None:
     from vllm import SamplingParams
 
     prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % 200 for j in range(200)]} for i in range(64)]
-    params = [SamplingParams(temperature=1.0, max_tokens=4, seed=i) for i in range(64)]
+    params = [SamplingParams(temperature=1.0, max_tokens=4, seed=i, ignore_eos=True) for i in range(64)]
     results = llm.generate(prompts, params, use_tqdm=False)
     assert [len(r.outputs[0].token_ids) for r in results] == [4] * 64

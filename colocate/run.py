@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from colocate.config import ROOT, Config, check_policy_parallel, register
+from colocate.config import ROOT, Config, check_policy_parallel, check_scale, register
 
 register()
 log = logging.getLogger("colocate")
@@ -62,6 +62,7 @@ def main(dcfg: DictConfig) -> dict:
         return run_refit_bench(cfg, out_dir)
 
     check_policy(cfg)  # before anything is built
+    check_scale(cfg.placement, cfg.generation)
     from colocate import cluster as clusters
     from colocate.train import train
 

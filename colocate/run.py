@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from colocate.config import ROOT, Config, check_keys, check_policy_parallel, register
+from colocate.config import ROOT, Config, check_keys, check_policy_parallel, check_scale, register
 from colocate.errors import InputError
 
 register()
@@ -61,6 +61,7 @@ def main(dcfg: DictConfig) -> dict:
 
     preflight(cfg)  # before Ray, any actor, or the tiny model's build
     check_policy(cfg)
+    check_scale(cfg.placement, cfg.generation)
     from colocate import cluster as clusters
     from colocate.train import train
 

@@ -102,12 +102,20 @@ def make_llm(
     - The CPU worker replaces `torch.set_num_threads` process-wide with a function that only warns; it is
       put back once the engine is up, so the trainer in the same process keeps control of its threads
       (vLLM's own startup call that would drop torch to 1 thread is swallowed by it, so threads stay).
+    - `tensor_parallel_size > 1`: the TP ranks are processes of vLLM's multiprocessing executor, chosen
+      explicitly: inside a Ray placement group vLLM would pick its Ray executor; this one keeps the ranks on
+      the engine actor's node, beside the policy ranks that send them the refit.
+      `VLLM_CPU_OMP_THREADS_BIND=nobind` (unless set): vLLM's automatic binding wants one NUMA node per TP
+      rank and refuses to start otherwise ("Not enough allowed NUMA nodes to bind threads of 2 local
+      CPUWorkers"); on a machine whose cores Ray shares out, pinning would fight the other actors anyway.
     The first start on a machine also spends ~13 s in a subprocess that inspects the model class; vLLM
     caches the result under ~/.cache/vllm/modelinfos.
     """
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if tensor_parallel_size > 1:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     import vllm  # after the env var: vLLM reads it when the engine is built
 
     kwargs: dict[str, Any] = dict(
@@ -132,6 +140,8 @@ def make_llm(
         kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     if worker_extension_cls is not None:
         kwargs["worker_extension_cls"] = worker_extension_cls
+    if on_cpu and tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "mp"
     if skip_tokenizer_init:  # shape-only engines (load_format="dummy") need no tokenizer
         kwargs["skip_tokenizer_init"] = True
     kwargs.update(extra_engine_kwargs or {})

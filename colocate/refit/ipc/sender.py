@@ -32,6 +32,7 @@ from colocate.refit.errors import (
 )
 from colocate.refit.ipc import wire
 from colocate.refit.ipc.buffers import SendBuffer
+from colocate.refit.ipc.jobdir import ensure_private_dir
 from colocate.refit.plan import Entry, Manifest, Meta, bucket_views, next_matching, plan
 from colocate.refit.schedule import ABORT_POLL_S, AbortFn, SendStats, TwoSlots, timed
 
@@ -56,6 +57,9 @@ class RefitSender:
         """`per_tensor` is the naive path kept for comparison: one fresh buffer (GPU: the tensor itself,
         shared in place) and one handle to open per tensor."""
         self.token = token.encode()
+        # The driver made the job's directory on its own node; on another node of the job the first of its
+        # receivers or senders to come makes it there (private, like the driver's).
+        ensure_private_dir(job_dir)
         self.job_dir = job_dir
         self.device = torch.device(device)
         self.buffer_bytes = buffer_bytes

@@ -165,6 +165,10 @@ class MegatronPolicyWorker(StreamsRefits):
             params_dtype=self.param_dtype, bf16=self.param_dtype == torch.bfloat16, pipeline_dtype=self.param_dtype,
             calculate_per_token_loss=True,  # see the module docstring: Megatron divides by the global count
             variable_seq_lengths=True,  # micro-batches differ in size (the last one) and length across calls
+            # transformer_config.py:2644 raises for the default "allgather" dispatcher with variable_seq_lengths,
+            # even for a dense model (no MoE layer reads it); slime and miles set "alltoall" for this reason
+            # (THUDM/slime slime/utils/arguments.py). Seen on the first H200 run.
+            moe_token_dispatcher_type="alltoall",
             perform_initialization=False,  # every weight is overwritten from the checkpoint
         )
 

@@ -5,7 +5,9 @@ Written for megatron-core 0.19.2 (the GPU machines' bundle; Python 3.12, torch 2
 the local layer spec). megatron is imported inside this module's functions only: importing the module needs
 torch alone, and `preflight.check_available` refuses the backend before start where megatron-core or CUDA is
 missing. Every megatron call names, in a comment, the 0.19.2 file it was checked against (paths under
-`megatron/core/`). NOT RUN on CPU: `tests/policy/test_megatron_gpu.py` exercises it on the GPU machine.
+`megatron/core/`). `tests/policy/test_megatron_gpu.py` exercises it on the GPU machine. Its whole body (TP=2 fp32,
+PP=2 bf16), plus checkpoint save / load / replayed step, a step after offload / onload, and DP=2, has also run on
+CPU against the 0.19.2 wheel's source (gloo; only CUDA calls patched out in a scratch script, not kept here).
 
 Conventions as in `colocate/policy/worker.py`: every method that touches the model is a collective; the
 log-probability layout is the same (`logprobs_BT[b, t]` = log p(input_ids[b, t] | input_ids[b, :t]), column 0

@@ -5,7 +5,9 @@ Written for megatron-core 0.19.2 (the GPU machines' bundle; Python 3.12, torch 2
 the local layer spec). megatron is imported inside this module's functions only: importing the module needs
 torch alone, and `preflight.check_available` refuses the backend before start where megatron-core or CUDA is
 missing. Every megatron call names, in a comment, the 0.19.2 file it was checked against (paths under
-`megatron/core/`). NOT RUN on CPU: `tests/policy/test_megatron_gpu.py` exercises it on the GPU machine.
+`megatron/core/`). `tests/policy/test_megatron_gpu.py` exercises it on the GPU machine. Its whole body (TP=2 fp32,
+PP=2 bf16), plus checkpoint save / load / replayed step, a step after offload / onload, and DP=2, has also run on
+CPU against the 0.19.2 wheel's source (gloo; only CUDA calls patched out in a scratch script, not kept here).
 
 Conventions as in `colocate/policy/worker.py`: every method that touches the model is a collective; the
 log-probability layout is the same (`logprobs_BT[b, t]` = log p(input_ids[b, t] | input_ids[b, :t]), column 0
@@ -165,6 +167,10 @@ class MegatronPolicyWorker(StreamsRefits):
             params_dtype=self.param_dtype, bf16=self.param_dtype == torch.bfloat16, pipeline_dtype=self.param_dtype,
             calculate_per_token_loss=True,  # see the module docstring: Megatron divides by the global count
             variable_seq_lengths=True,  # micro-batches differ in size (the last one) and length across calls
+            # transformer_config.py:2644 raises for the default "allgather" dispatcher with variable_seq_lengths,
+            # even for a dense model (no MoE layer reads it); slime and miles set "alltoall" for this reason
+            # (THUDM/slime slime/utils/arguments.py). Seen on the first H200 run.
+            moe_token_dispatcher_type="alltoall",
             perform_initialization=False,  # every weight is overwritten from the checkpoint
         )
 
@@ -440,32 +446,56 @@ class MegatronPolicyWorker(StreamsRefits):
         shapes, out_dtype = convert.hf_shapes(self.dims), dtype or self.param_dtype
         return [(name, shapes[name], out_dtype) for m in convert.export_order(self.dims, self.pp) for name in m.hf]
 
-    def _checkpoint_files(self, path: str) -> tuple[Path, Path]:
+    def _checkpoint_file(self, path: str) -> Path:
         from megatron.core import parallel_state
 
-        out = Path(path)
-        tag = f"tp{self.tp_rank}_pp{self.pp_rank}"
-        return out / f"model_{tag}_dp{parallel_state.get_data_parallel_rank()}.pt", out / f"optim_{tag}.pt"
+        tag = f"tp{self.tp_rank}_pp{self.pp_rank}_dp{parallel_state.get_data_parallel_rank()}"
+        return Path(path) / f"model_{tag}.pt"
+
+    def _inner_optimizers(self) -> list[Any]:
+        """The torch optimizers inside Megatron's (chained) distributed optimizer, one per parameter dtype
+        group: each holds this rank's fp32 main-parameter shards and their Adam state."""
+        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])  # optimizer.py:1855
+        return [opt.optimizer for opt in chained]
 
     def save_checkpoint(self, path: str) -> None:
-        """Per-rank model and optimizer state plus the distributed optimizer's parameter state (gathered to each
-        data-parallel group's first rank: optimizer/optimizer.py:1940 save_parameter_state). Resuming needs the
-        same tp / pp / dp layout; for another layout, export to HF and start from that."""
+        """Per-rank model state, Megatron's optimizer state_dict and this rank's shard of the distributed
+        optimizer (the inner torch optimizers' state and their fp32 main parameters, as they are). Resuming
+        needs the same tp / pp / dp layout; for another layout, export to HF and start from that.
+
+        Not `save_parameter_state` / `load_parameter_state` (distrib_optimizer.py:1411 / :2542): without
+        Transformer Engine or Apex, 0.19.2 falls back to torch's AdamW (optimizer/__init__.py:33), whose
+        per-parameter state holds a `step` tensor that the parameter state does not save, and loading it then
+        fails with KeyError: 'step' (distrib_optimizer.py:1223; run on CPU against 0.19.2)."""
         self._require(params=True, optimizer=True)
-        model_file, optim_file = self._checkpoint_files(path)
-        model_file.parent.mkdir(parents=True, exist_ok=True)
+        out = self._checkpoint_file(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shards = [{"state": inner.state_dict(),
+                   "main_params": [p.detach().cpu().clone() for g in inner.param_groups for p in g["params"]]}
+                  for inner in self._inner_optimizers()]
         torch.save({"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "step": self.step}, model_file)
-        self.optimizer.save_parameter_state(str(optim_file))
+                    "optimizer_shards": shards, "step": self.step}, out)
         dist.barrier()
 
+    # torch.no_grad: the main parameters are leaves that require grad (or, in fp32, views of the model's);
+    # copying into them outside no_grad raises "a leaf Variable that requires grad is being used in an in-place
+    # operation" (seen on CPU against 0.19.2 in its own load_parameter_state_from_dp_zero).
+    @torch.no_grad()
     def load_checkpoint(self, path: str) -> int:
         self._require(params=True, optimizer=True)
-        model_file, optim_file = self._checkpoint_files(path)
-        state = torch.load(model_file, map_location=self.device, weights_only=False)
+        state = torch.load(self._checkpoint_file(path), map_location=self.device, weights_only=False)
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.optimizer.load_parameter_state(str(optim_file))  # optimizer/optimizer.py:1967
+        inners = self._inner_optimizers()
+        if len(inners) != len(state["optimizer_shards"]):
+            raise ValueError(f"{path}: {len(state['optimizer_shards'])} optimizer shards saved, {len(inners)} here")
+        for inner, saved in zip(inners, state["optimizer_shards"], strict=True):
+            inner.load_state_dict(saved["state"])
+            params = [p for g in inner.param_groups for p in g["params"]]
+            if [tuple(p.shape) for p in params] != [tuple(t.shape) for t in saved["main_params"]]:
+                raise ValueError(f"{path}: the optimizer shards' shapes differ (another tp / pp / dp layout?)")
+            for param, saved_param in zip(params, saved["main_params"], strict=True):
+                param.copy_(saved_param)
         self.step = int(state["step"])
         dist.barrier()
         return self.step

@@ -316,6 +316,8 @@ def check(cfg: Config, *, cluster_devices: int) -> str:
     """Validate the configuration and the placement against the cluster; returns the refit transport to use."""
     check_values(cfg)
     p = cfg.placement
+    check_policy_parallel(cfg.policy, p.policy_workers)
+    check_scale(p, cfg.generation)
     if p.device == "cuda":
         need = num_bundles(p, cfg.generation.tensor_parallel_size)
         if need > cluster_devices:
@@ -324,20 +326,8 @@ def check(cfg: Config, *, cluster_devices: int) -> str:
         if p.mode == "split" and cluster_devices < 2:
             raise ConfigError("placement 'split' needs at least 2 GPUs: one cluster device cannot be split")
     if cfg.refit.transport != "auto":
-        return cfg.refit.transport
+        return cfg.refit.transport  # its value and its fit with the placement: `check_values`
     return "zmq" if p.mode == "colocated" else "broadcast"
-    check_policy_parallel(cfg.policy, p.policy_workers)
-    check_scale(p, cfg.generation)
-    if cfg.generation.sleep_level not in (1, 2):
-        raise ConfigError(f"generation.sleep_level must be 1 or 2, got {cfg.generation.sleep_level}")
-    transport = cfg.refit.transport
-    if transport == "auto":
-        transport = "zmq" if p.mode == "colocated" else "broadcast"
-    if transport not in ("zmq", "broadcast"):
-        raise ConfigError(f"refit.transport must be 'auto', 'zmq' or 'broadcast', got {transport!r}")
-    if transport == "zmq" and p.mode == "split":
-        raise ConfigError("refit.transport 'zmq' (CUDA IPC / shared memory) needs placement 'colocated'")
-    return transport
 
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")

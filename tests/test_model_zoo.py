@@ -114,6 +114,6 @@ def test_a_run_refuses_an_unverified_architecture_before_ray_starts(tmp_path):
     out = subprocess.run([sys.executable, "-m", "colocate.run", "+recipe=grpo", f"model.path={model}",
                           f"hydra.run.dir={tmp_path / 'run'}", "placement.ray_address=local"],
                          cwd=ROOT, text=True, capture_output=True, timeout=120)
-    assert out.returncode != 0
-    assert "UnsupportedModelError" in out.stderr and "GPT2LMHeadModel is not verified" in out.stderr
+    assert out.returncode == 2  # an input error: one line (`preflight`), no traceback
+    assert "ModelDirError" in out.stderr and "GPT2LMHeadModel is not verified" in out.stderr
     assert "Ray instance" not in out.stderr + out.stdout  # refused before Ray (or any actor) started

@@ -11,6 +11,7 @@ has no sleep mode on CPU: there both calls log one line and do nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -204,8 +205,11 @@ class GenerationWorker:
         if self._refit_transport is not None:
             self._backend.call_workers("colocate_refit_close")
         if self._rendezvous is not None and self._keys:
-            ray.get([self._rendezvous.unregister.remote(k) for k in self._keys])
-        self._keys, self._refit_transport, self._rendezvous = [], None, None
+            # The job's rendezvous may be gone already (its owner, another engine of the group, closed
+            # first): the keys went with it.
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                ray.get([self._rendezvous.unregister.remote(k) for k in self._keys])
+        self._keys, self._refit_transport = [], None
 
     def _refilled(self) -> None:
         """After a completed refit: weights dropped by sleep(level=2) are back only if it filled every one."""

@@ -99,7 +99,7 @@ class Cluster:
     def refit(self) -> dict[str, float]:
         """Policy -> every engine (`refit/driver.py`); the time it took and its parts, in ms."""
         self.refits += 1
-        return run_refit(self.policy.workers, self.generation, job=self.job, refit=self.refits,
+        return run_refit(self.policy.workers, self.generation, rendezvous=self.rendezvous, refit=self.refits,
                          timeout_s=self.cfg.refit.timeout_s)
 
     def close(self) -> None:

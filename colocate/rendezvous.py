@@ -5,7 +5,7 @@ Keys name a device on a node: `device_key(node_id, "cuda", uuid)` or `device_key
 the policy rank and the generation worker that share a GPU find each other without knowing ranks or
 CUDA_VISIBLE_DEVICES. The split transport's store address goes through the same actor (`publish_master`).
 A refit the driver aborted (the other side failed) is marked here; a side still waiting on its peer asks
-`abort_check(job, refit)()` every `schedule.ABORT_POLL_S` and gives up at once.
+`abort_check(rendezvous, refit)()` every `schedule.ABORT_POLL_S` and gives up at once.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ def get_rendezvous(job: str) -> ray.actor.ActorHandle:
     return Rendezvous.options(name=f"rendezvous-{job}", namespace=NAMESPACE, get_if_exists=True).remote()
 
 
-def abort_check(job: str, refit: int) -> Callable[[], bool]:
-    """Whether the driver has aborted refit number `refit` of `job` (a transport's `AbortFn`). A rendezvous
-    that does not answer within a second counts as not aborted: the transport's own timeout still holds."""
-    rendezvous = get_rendezvous(job)
+def abort_check(rendezvous: ray.actor.ActorHandle, refit: int) -> Callable[[], bool]:
+    """Whether the driver has aborted refit number `refit` of the job whose `rendezvous` this is (a
+    transport's `AbortFn`; the handle is resolved once, at open, not per refit). A rendezvous that does not
+    answer within a second counts as not aborted: the transport's own timeout still holds."""
 
     def aborted() -> bool:
         try:

@@ -65,8 +65,8 @@ class EngineActor:
 @ray.remote(num_cpus=0)
 class SenderActor:
     def __init__(self, job: str, job_dir: str, token: str, timeout_s: float, buffer_bytes: int) -> None:
-        self.job = job
-        address = ray.get(get_rendezvous(job).lookup.remote(_key("cpu:0"), timeout_s))
+        self.rendezvous = get_rendezvous(job)
+        address = ray.get(self.rendezvous.lookup.remote(_key("cpu:0"), timeout_s))
         self.sender = RefitSender(address=address, token=token, job_dir=job_dir, device="cpu",
                                   buffer_bytes=buffer_bytes, timeout_s=timeout_s)
 
@@ -83,7 +83,7 @@ class SenderActor:
                 time.sleep(delay_s)
                 yield item
 
-        abort_fn = abort_check(self.job, refit) if refit is not None else None
+        abort_fn = abort_check(self.rendezvous, refit) if refit is not None else None
         stats = self.sender.stream(slowly(), meta, abort_fn=abort_fn)
         return {"buckets": stats.buckets, "bytes": stats.bytes}
 

@@ -7,7 +7,7 @@ Every failure comes out as one named exception (`errors.py`) naming the worker, 
 Refits pair with the sender's futures:
 
     group.open_refit("zmq", job=job, token=token, job_dir=job_dir)  # once; policy ranks look the keys up
-    driver.run_refit(policy.workers, group, job=job, refit=n, timeout_s=timeout_s)   # each refit
+    driver.run_refit(policy.workers, group, rendezvous=rendezvous, refit=n, timeout_s=timeout_s)  # each refit
 
 Generation can overlap training: `generate_futures` returns at once, `collect` waits. With
 `engine="async"` a refit arriving meanwhile is applied between requests (see `backends.py`).

@@ -20,21 +20,20 @@ from typing import Any
 import ray
 
 from colocate.refit.errors import RefitError, RefitPeerDiedError, RefitRemoteError, RefitTimeoutError
-from colocate.rendezvous import get_rendezvous
 
 # After the first failure, how long the other side's outcome is awaited (for its traceback) before raising.
 ABORT_GRACE_S = 3.0
 
 
-def run_refit(policy_workers: Sequence[Any], generation: Any, *, job: str, refit: int, timeout_s: float
+def run_refit(policy_workers: Sequence[Any], generation: Any, *, rendezvous: Any, refit: int, timeout_s: float
               ) -> dict[str, float]:
     """Refit number `refit`: every policy rank's `stream_refit` and every engine's update task, launched
-    together and awaited (bounded by 3 x the transport's `timeout_s`). Returns the time it took and its parts
-    (the slowest sender's gather / pack / wait for the engines, the slowest engine's load), in ms."""
+    together and awaited (bounded by 3 x the transport's `timeout_s`); `rendezvous`: the job's, where a
+    failed refit is marked aborted. Returns the time it took and its parts (the slowest sender's gather /
+    pack / wait for the engines, the slowest engine's load), in ms."""
     t = time.perf_counter()
     senders = [w.stream_refit.remote(refit) for w in policy_workers]
     receivers = generation.receive_refit_futures(refit)
-    rendezvous = get_rendezvous(job)
     out = await_refit({"sender": senders, "receiver": receivers}, timeout_s=3 * timeout_s,
                       abort=lambda: rendezvous.abort.remote(refit))
     parts = {"refit_ms": (time.perf_counter() - t) * 1e3}

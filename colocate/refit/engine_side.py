@@ -32,7 +32,7 @@ from colocate.refit.nccl.group import CONNECT_TIMEOUT_S
 from colocate.refit.nccl.receiver import BroadcastReceiver
 from colocate.refit.plan import CheckFn, Meta, expect
 from colocate.refit.schedule import AbortFn
-from colocate.rendezvous import abort_check, lookup_master
+from colocate.rendezvous import abort_check, get_rendezvous, lookup_master
 
 
 class RefitExtension:
@@ -40,6 +40,7 @@ class RefitExtension:
 
     _colocate_receiver: RefitReceiver | BroadcastReceiver | None = None
     _colocate_open: dict[str, Any] | None = None  # the last open's arguments
+    _colocate_rendezvous: Any = None
     _colocate_record: bool = False
     _colocate_seen: dict[str, str]
 
@@ -58,6 +59,9 @@ class RefitExtension:
         (tests). `record`: fingerprint every tensor handed to the engine (costs time: not for timing)."""
         self.colocate_refit_close()
         self._colocate_record, self._colocate_seen = record, {}
+        # Where the driver marks a refit aborted: resolved once here, not per refit; none in an engine core's
+        # child process, which is not connected to Ray (the transport's own timeouts still hold there).
+        self._colocate_rendezvous = get_rendezvous(job) if ray.is_initialized() else None
         check: CheckFn = expect(expected) if expected is not None else (
             lambda meta: vllm_engine.offer_mismatch(self, meta))
         hooks = dict(load_fn=self._colocate_load, check_fn=check,
@@ -109,8 +113,8 @@ class RefitExtension:
             raise RuntimeError("colocate_refit_open was not called on this worker")
         self._colocate_seen = {}
         abort_fn: AbortFn | None = None
-        if refit is not None and ray.is_initialized():  # not in an engine core's child process
-            abort_fn = abort_check(self._colocate_open["job"], refit)
+        if refit is not None and self._colocate_rendezvous is not None:
+            abort_fn = abort_check(self._colocate_rendezvous, refit)
         with vllm_engine.finished_on_failure(self):  # the caller keeps its weight version on a failure
             if self._colocate_open["transport"] == "zmq":
                 assert isinstance(self._colocate_receiver, RefitReceiver)

@@ -46,15 +46,16 @@ class PolicyRefit:
         if not streams:
             return
         size = buffer_bytes(buffer_size_mb, device, auto_fraction=auto_fraction)
+        self._rendezvous = get_rendezvous(job)
         if transport == "zmq":
             key = local_device_key(device, device_slot)
-            address = ray.get(get_rendezvous(job).lookup.remote(key, timeout_s))
+            address = ray.get(self._rendezvous.lookup.remote(key, timeout_s))
             self.sender = RefitSender(address=address, token=token, job_dir=job_dir, device=device.type,
                                       buffer_bytes=size, timeout_s=timeout_s)
         else:
             self.sender = BroadcastSender(host=store_host(), world_size=world_size, device=device.type,
                                           buffer_bytes=size, token=token, timeout_s=timeout_s)
-            self._rendezvous = publish_master(job, self.sender.address)
+            publish_master(job, self.sender.address)
 
     def stream(self, refit: int) -> dict[str, Any] | None:
         """Refit number `refit` from this rank: the sender's stats, or None on a rank that only gathers."""
@@ -64,7 +65,7 @@ class PolicyRefit:
                 pass
             return None
         meta = manifest_meta_of(self._manifest(self.dtype))
-        return asdict(self.sender.stream(weights, meta, abort_fn=abort_check(self.job, refit)))
+        return asdict(self.sender.stream(weights, meta, abort_fn=abort_check(self._rendezvous, refit)))
 
     def close(self) -> None:
         if self.sender is not None:

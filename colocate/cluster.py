@@ -180,13 +180,14 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
         check_refit_exact(cluster.policy, cluster.generation, g.dtype)
         # Engines first: over zmq each policy rank looks its engine's receiver up when it opens.
         r = cfg.refit
-        cluster.generation.open_refit(transport, job=job, token=token, timeout_s=r.timeout_s, job_dir=job_dir)
+        receivers = cluster.generation.open_refit(transport, job=job, token=token, timeout_s=r.timeout_s,
+                                                  job_dir=job_dir)  # one per engine TP rank
         # zmq: policy rank i sends to the engine TP rank on its device (engine i // tp, TP rank i % tp).
         streams = [rank < n_gen * tp if transport == "zmq" else rank == 0 for rank in range(n_pol)]
         cluster.policy.open_refit([
             dict(transport=transport, job=job, token=token, dtype=g.dtype, streams=streams[rank],
                  buffer_size_mb=r.buffer_size_mb, auto_fraction=r.auto_fraction, timeout_s=r.timeout_s,
-                 job_dir=job_dir, device_slot=rank, world_size=1 + n_gen * cluster.generation.tensor_parallel_size)
+                 job_dir=job_dir, device_slot=rank, world_size=1 + len(receivers))  # broadcast: the sender + them
             for rank in range(n_pol)])
     except BaseException:
         cluster.close()

@@ -157,8 +157,9 @@ def _prompt_ids(model_dir: str) -> list[list[int]]:
 
 def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_tokens: int,
                 seed: int = 0, timeout_s: float = 120.0, verbose: bool = False, policy: str = "fsdp2",
-                tp: int = 1, pp: int = 1, workers: int = 1) -> dict[str, Any]:
-    """One transport end to end (see the module docstring); a table row."""
+                tp: int = 1, pp: int = 1, workers: int = 1, engine_tp: int = 1) -> dict[str, Any]:
+    """One transport end to end (see the module docstring); a table row. `engine_tp`: each engine spans that
+    many devices (colocated: workers // engine_tp engines, each TP rank beside a policy rank)."""
     from colocate import cluster as clusters
     from colocate.config import Config
 
@@ -168,7 +169,8 @@ def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_
     cfg.placement.ray_address = "local"
     cfg.placement.num_cpus = max(4, workers + 2)
     cfg.placement.policy_workers = workers
-    cfg.placement.generation_workers = workers if transport == "zmq" else 1
+    cfg.placement.generation_workers = workers // engine_tp if transport == "zmq" else 1
+    cfg.generation.tensor_parallel_size = engine_tp
     cfg.policy.backend = policy
     cfg.policy.tensor_parallel_size, cfg.policy.pipeline_parallel_size = tp, pp
     cfg.policy.param_dtype = dtype
@@ -178,8 +180,8 @@ def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_
     cfg.refit.buffer_size_mb = 1.0  # many buckets, and fused parameters split across them
     cfg.refit.timeout_s = timeout_s
     row: dict[str, Any] = {"check": f"refit over {transport}", "device": device, "dtype": dtype}
-    if (policy, workers) != ("fsdp2", 1):
-        row |= {"policy": policy, "tp": tp, "pp": pp, "workers": workers}
+    if (policy, workers, engine_tp) != ("fsdp2", 1, 1):
+        row |= {"policy": policy, "tp": tp, "pp": pp, "workers": workers, "engine_tp": engine_tp}
     clusters.connect("local", cfg.placement.num_cpus, log_to_driver=verbose)
     say = functools.partial(print, f"[{Path(model_dir).name} {transport}]", file=sys.stderr, flush=True)
     say("starting the policy and the engine")
@@ -257,7 +259,7 @@ def run(model_dir: str, args: argparse.Namespace) -> Report:
     if args.refit and result.ok:
         transports = ["zmq", "broadcast"] if args.transport == "both" else [args.transport]
         for transport in transports:
-            need = args.workers + 1 if transport == "broadcast" else args.workers  # split: the engine apart
+            need = args.workers + args.engine_tp if transport == "broadcast" else args.workers  # split: engine apart
             if args.device == "cuda" and need > 1 and torch.cuda.device_count() < need:
                 _add_row(report, {"check": f"refit over {transport}", "ok": None,
                                   "detail": f"skipped: needs {need} GPUs"})
@@ -266,7 +268,7 @@ def run(model_dir: str, args: argparse.Namespace) -> Report:
                 row = refit_check(model_dir, device=args.device, transport=transport, dtype=args.dtype,
                                   max_tokens=args.max_tokens, timeout_s=args.timeout_s,
                                   verbose=args.verbose, policy=args.policy, tp=args.tp, pp=args.pp,
-                                  workers=args.workers)
+                                  workers=args.workers, engine_tp=args.engine_tp)
             except Exception as e:  # a refused or failed refit is a mismatch, said in one line
                 row = {"check": f"refit over {transport}", "ok": False,
                        "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
@@ -288,6 +290,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.engine_tp < 1 or args.workers % args.engine_tp:
+        parser.error(f"--engine-tp must divide --workers ({args.workers}), got {args.engine_tp}")
     try:
         check_policy_parallel(PolicyConfig(backend=args.policy, tensor_parallel_size=args.tp,
                                            pipeline_parallel_size=args.pp), args.workers)
@@ -310,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="fsdp2", choices=["fsdp2", "megatron"], help="the policy backend")
     p.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size")
+    p.add_argument("--engine-tp", type=int, default=1,
+                   help="vLLM tensor-parallel size of each engine (colocated: --workers / it engines)")
     p.add_argument("--workers", type=int, default=1,
                    help="policy ranks (a multiple of tp * pp); zmq: as many engines, one beside each rank")
     p.add_argument("--json", help="write the reports here")

@@ -22,12 +22,27 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from colocate.config import Config, ConfigError, check
-from colocate.placement import check_engine_nodes, plan_bundles
+from colocate.placement import check_engine_nodes, engine_visible_devices, plan_bundles
 from colocate.refit.driver import run_refit
 from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from colocate.rendezvous import get_rendezvous
 
 log = logging.getLogger(__name__)
+
+
+def bundle_gpu_ids(pg: Any, n: int) -> list[str]:
+    """The physical GPU of each of the placement group's `n` bundles: Ray gives a task in a bundle that
+    bundle's GPU, so a tiny probe in each reports it (before any actor claims the rest)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, num_gpus=0.01)(_gpu_id)
+    return ray.get([probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=b)).remote() for b in range(n)], timeout=60)
+
+
+def _gpu_id() -> str:
+    [gpu] = ray.get_gpu_ids()
+    return str(gpu)
 
 
 def actor_env() -> dict[str, str]:
@@ -37,34 +52,38 @@ def actor_env() -> dict[str, str]:
     comes first in its process and vLLM pins it to 0 in the engine's; a broadcast refit between ranks that
     disagree cannot open each other's buffers (`refit/nccl/group.py`), so every actor starts with the
     value the broadcast group uses.
+    VLLM_LOGGING_LEVEL: vLLM's INFO lines (a page per engine start) would bury the actors' progress lines
+    (`logs.py`).
     """
     from colocate.refit.nccl.group import CUMEM_DEFAULT
 
     return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
-            "NCCL_CUMEM_ENABLE": os.environ.get("NCCL_CUMEM_ENABLE", CUMEM_DEFAULT)}
+            "NCCL_CUMEM_ENABLE": os.environ.get("NCCL_CUMEM_ENABLE", CUMEM_DEFAULT),
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
 
 
-def connect(address: str, num_cpus: int | None, *, log_to_driver: bool = False) -> None:
-    """Join the running cluster (a `ray job submit` sets RAY_ADDRESS) or start a local one."""
+def connect(address: str, num_cpus: int | None, *, log_to_driver: bool = True) -> None:
+    """Join the running cluster (a `ray job submit` sets RAY_ADDRESS) or start a local one. With
+    `log_to_driver` the actors' output is printed here: their progress at start-up, vLLM's warnings."""
     if ray.is_initialized():
         return
-    env = actor_env()
+    runtime_env = {"env_vars": actor_env(), "worker_process_setup_hook": "colocate.logs.setup_actor_logging"}
     if address == "local":
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=log_to_driver)
         return
     if address == "auto" and not os.environ.get("RAY_ADDRESS"):
         try:
-            ray.init(address="auto", runtime_env={"env_vars": env}, log_to_driver=False)
+            ray.init(address="auto", runtime_env=runtime_env, log_to_driver=log_to_driver)
             log.info("joined the running Ray cluster")
             return
         except ConnectionError:
             pass
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=log_to_driver)
         log.info("started a local Ray cluster")
     else:
-        ray.init(address=None if address == "auto" else address, runtime_env={"env_vars": env},
-                 log_to_driver=False)
+        ray.init(address=None if address == "auto" else address, runtime_env=runtime_env,
+                 log_to_driver=log_to_driver)
 
 
 def cluster_gpus() -> int:
@@ -150,6 +169,7 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
     except ConfigError:
         remove_placement_group(pg)
         raise
+    log.info("starting %d policy rank(s) and %d engine(s) (%s, refit over %s)", n_pol, n_gen, p.mode, transport)
     job_dir, token = new_job_dir(), new_token()
     cluster = Cluster(cfg, transport, model_path, None, None, pg, job, job_dir, token)
     # The driver creates the job's rendezvous actor and holds it for the whole run: a named actor that is
@@ -169,9 +189,15 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
             loss_agg=pol.loss_agg,
             seed=pol.seed,
         )
+        # An engine spanning several GPUs (TP) sees all of its bundles' GPUs; its TP ranks are processes of
+        # vLLM's multiprocessing executor on them (`make_llm`), its actor claims a share of the first.
+        engine_env = None
+        if on_gpu and tp > 1:
+            gpus = bundle_gpu_ids(pg, len(plan.bundles))
+            engine_env = [engine_visible_devices(plan, gpus, w, tp) for w in range(n_gen)]
         cluster.generation = GenerationGroup(
             num_workers=n_gen, num_cpus_per_worker=share, num_gpus_per_worker=share if on_gpu else 0,
-            placement_group=pg, bundle_indices=gen_bundles,
+            placement_group=pg, bundle_indices=gen_bundles, worker_env_vars=engine_env,
             model=model_path, dtype=g.dtype, max_model_len=g.max_model_len,
             kv_cache_memory_bytes=g.kv_cache_memory_bytes, gpu_memory_utilization=g.gpu_memory_utilization,
             enforce_eager=g.enforce_eager, engine=g.engine, enable_sleep_mode=g.sleep and on_gpu, seed=g.seed,
@@ -187,9 +213,11 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
         cluster.policy.open_refit([
             dict(transport=transport, job=job, token=token, dtype=g.dtype, streams=streams[rank],
                  buffer_size_mb=r.buffer_size_mb, auto_fraction=r.auto_fraction, timeout_s=r.timeout_s,
-                 job_dir=job_dir, device_slot=rank, world_size=1 + len(receivers))  # broadcast: the sender + them
+                 job_dir=job_dir, device_slot=rank, world_size=1 + len(receivers),  # broadcast: the sender + them
+                 one_copy=r.one_copy and not cfg.policy.offload)
             for rank in range(n_pol)])
     except BaseException:
         cluster.close()
         raise
+    log.info("policy and engines up; refit channel open")
     return cluster

@@ -99,6 +99,9 @@ class RefitConfig:
     """Each of the two buffers, in MiB; null: auto, `auto_fraction` of the sender device's free memory."""
     auto_fraction: float = 0.1
     timeout_s: float = 120.0
+    one_copy: bool = True
+    """Where the policy's weights already sit whole on an engine's device (one FSDP2 rank on a GPU, with
+    policy.offload=false), the engine reads them in place: one copy, no buffers."""
 
 
 @dataclass
@@ -115,7 +118,14 @@ class AlgorithmConfig:
     val_every: int = 5
     """Score the held-out prompts every k steps (0: never) and always after the last step."""
     checkpoint_every: int = 0
-    """0: no checkpoints."""
+    """Write a checkpoint every k steps to `<output_dir>/checkpoints/step_NNNNN` (0: none)."""
+    resume_from: str | None = None
+    """A checkpoint directory of `checkpoint_every` (`.../checkpoints/step_NNNNN`): load its policy, optimizer,
+    LR schedule, step, data order and RNG states, refit the engines, and run the steps after it up to `steps`
+    (no warm-up); null: start afresh."""
+    eval_samples: int = 0
+    """k > 1: every held-out evaluation also samples k completions per prompt at `temperature` / `top_p` and
+    logs `val_pass@k` beside the greedy `val_pass@1`; 0 or 1: greedy only."""
 
 
 @dataclass
@@ -281,6 +291,9 @@ def check_values(cfg: Config) -> None:
     _require(0 < a.top_p <= 1, "algorithm.top_p", f"must be in (0, 1], got {a.top_p}")
     _require(a.sft_steps >= 0 and a.val_every >= 0 and a.checkpoint_every >= 0, "algorithm.sft_steps",
              "sft_steps, val_every and checkpoint_every must be >= 0")
+    _require(a.eval_samples >= 0, "algorithm.eval_samples", f"must be >= 0, got {a.eval_samples}")
+    _require(a.eval_samples <= 1 or a.temperature > 0, "algorithm.eval_samples",
+             f"pass@{a.eval_samples} samples at algorithm.temperature, which is 0 (greedy: one completion per prompt)")
     _require(str(d.chat).lower() in ("auto", "true", "false"), "data.chat",
              f"must be auto, true or false, got {d.chat!r}")
     _require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")

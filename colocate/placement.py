@@ -52,6 +52,16 @@ def plan_bundles(*, mode: str, policy_workers: int, generation_workers: int, ten
                       [policy_workers + w * tp for w in range(generation_workers)], share=1.0)
 
 
+def engine_visible_devices(plan: BundlePlan, bundle_gpus: Sequence[str], engine: int,
+                           tensor_parallel_size: int) -> dict[str, str]:
+    """The environment of engine `engine`'s actor on GPU when it spans k > 1 devices: CUDA_VISIBLE_DEVICES =
+    the physical GPUs of its k bundles in TP-rank order (vLLM's TP rank r takes visible device r: the one it
+    shares, colocated, with the policy rank of bundle first + r), and Ray told not to narrow it to the one
+    GPU the actor itself claims. `bundle_gpus[b]`: bundle b's GPU, as Ray assigned it."""
+    gpus = [bundle_gpus[b] for b in plan.engine_bundles(engine, tensor_parallel_size)]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+
+
 def check_engine_nodes(plan: BundlePlan, tensor_parallel_size: int, bundle_nodes: Mapping[int, str]) -> None:
     """Every engine's TP ranks are processes on its actor's node: its bundles must all be on that node
     (`bundle_nodes`: bundle index -> node id, as `placement_group_table` reports them)."""

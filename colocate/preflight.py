@@ -1,6 +1,7 @@
 """Checks of everything a user hands a run, before anything starts (no Ray, no actor, no torch import):
-the config's values, the data file(s), the reward function, the model directory. Each failure is one
-`InputError` naming the key, file or row; `run.py` prints its one line and exits with code 2.
+the config's values, the data file(s), the reward function, the model directory, the checkpoint to resume
+from. Each failure is one `InputError` naming the key, file or row; `run.py` prints its one line and exits
+with code 2.
 
 The model check is the cheap half of `python -m colocate.check`: the directory, its config.json, a tokenizer,
 an architecture the refit is verified exact for (`engine.support`). The dry run of the engine's loader over
@@ -19,6 +20,7 @@ from colocate.data.build import check_rows
 from colocate.engine.support import check_supported
 from colocate.errors import InputError
 from colocate.models.errors import UnsupportedModelError
+from colocate.resume import check as check_resume
 from colocate.rewards.spec import load_reward
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -61,9 +63,12 @@ def _has_chat_template(d: Path) -> bool:
 
 
 def preflight(cfg: Config) -> None:
-    """Raise the first `InputError` among the config's values, the data, the reward function and the model."""
+    """Raise the first `InputError` among the config's values, the data, the reward function, the model and
+    the checkpoint to resume from."""
     check_values(cfg)
     check_rows(cfg.data)
     load_reward(cfg.reward.fn)
     if cfg.model.path != "tiny":
         check_model_dir(cfg.model.path, allow_unverified=cfg.model.allow_unverified, chat=cfg.data.chat)
+    if cfg.algorithm.resume_from is not None:
+        check_resume(cfg.algorithm.resume_from, steps=cfg.algorithm.steps, backend=cfg.policy.backend)

@@ -1,4 +1,5 @@
-"""The training driver: warm-up, GRPO steps, validation, checkpoints, metrics. `run.py` calls `train`."""
+"""The training driver: warm-up (or a resumed checkpoint), GRPO steps, validation, checkpoints, metrics.
+`run.py` calls `train`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from colocate import resume
 from colocate.algorithms.grpo import GRPO
 from colocate.cluster import Cluster
 from colocate.config import Config
@@ -27,6 +29,11 @@ def _set_lr(worker: Any, lr: float) -> None:
     worker.scheduler._last_lr = [lr for _ in worker.scheduler.base_lrs]
     for group in worker.optimizer.param_groups:
         group["lr"] = lr
+
+
+def _suffixed(scores: dict[str, float], when: str) -> dict[str, float]:
+    """`val_accuracy` -> `val_accuracy_start` etc.: the summary's names for held-out scores at `when`."""
+    return {f"{key}_{when}": value for key, value in scores.items()}
 
 
 def train(cfg: Config, cluster: Cluster, out_dir: Path) -> dict[str, Any]:
@@ -55,10 +62,16 @@ def _train(cfg: Config, cluster: Cluster, out_dir: Path, pool: RewardPool) -> di
                 kl=cfg.policy.kl_coef > 0)
     grpo.check_prompt_lengths(cfg.generation.max_model_len)
     metrics = MetricsLogger(out_dir, tensorboard=cfg.logging.tensorboard)
-    summary: dict[str, Any] = {"val_accuracy_initial": grpo.validate()}
+    summary: dict[str, Any] = {} if a.resume_from else _suffixed(grpo.evaluate(a.eval_samples), "initial")
     bar = not cfg.logging.progress
 
-    if a.sft_steps:
+    first_step = 1
+    if a.resume_from:
+        first_step = resume.load(a.resume_from, policy=cluster.policy, sampler=grpo.rng) + 1
+        cluster.refit()  # the engines sample step N+1 from the loaded weights
+        summary["resumed_from_step"] = first_step - 1
+        log.info("resumed from %s: step %d is next", a.resume_from, first_step)
+    if a.sft_steps and not a.resume_from:  # the checkpoint's weights had their warm-up
         cluster.policy.execute(_set_lr, a.sft_lr)
         for i in tqdm(range(a.sft_steps), desc="warm-up (SFT)", disable=bar):
             out = grpo.sft_step()
@@ -66,27 +79,30 @@ def _train(cfg: Config, cluster: Cluster, out_dir: Path, pool: RewardPool) -> di
                 metrics.log(-a.sft_steps + i, {"sft_nll": out["nll"]})
         cluster.policy.execute(_set_lr, cfg.policy.lr)
         cluster.refit()
-    start = grpo.validate()
-    summary["val_accuracy_start"] = start
-    metrics.log(0, {"val_accuracy": start})
-    log.info("held-out accuracy before RL: %.3f", start)
+    start = grpo.evaluate(a.eval_samples)
+    summary.update(_suffixed(start, "start"))
+    if not a.resume_from:  # a resumed run's start is its checkpoint's step, logged by the run that wrote it
+        metrics.log(0, start)
+    log.info("held-out accuracy before RL: %.3f", start["val_accuracy"])
 
     t0 = time.perf_counter()
     samples = (out_dir / "samples.jsonl").open("a")  # one rollout per step: what the engine got, what it said
-    for step in (pbar := tqdm(range(1, a.steps + 1), desc="GRPO", disable=bar)):
+    m: dict[str, Any] = start
+    for step in (pbar := tqdm(range(first_step, a.steps + 1), desc="GRPO", disable=bar)):
         m = grpo.step(step)
         samples.write(json.dumps({"step": step, **m.pop("sample")}) + "\n")
         samples.flush()
         m["reward_timeouts"] = pool.timeouts
         if step == a.steps or (a.val_every and step % a.val_every == 0):  # always a final held-out score
-            m["val_accuracy"] = grpo.validate()
+            m.update(grpo.evaluate(a.eval_samples))
         if a.checkpoint_every and step % a.checkpoint_every == 0:
-            cluster.policy.save_checkpoint(str(out_dir / "checkpoints" / f"step_{step:05d}"))
+            resume.save(resume.checkpoint_dir(out_dir, step), policy=cluster.policy, step=step, sampler=grpo.rng,
+                        backend=cfg.policy.backend)
         m["weight_version"] = min(cluster.generation.weight_versions())
         metrics.log(step, m)
         pbar.set_postfix(reward=f"{m['reward_mean']:.2f}", val=m.get("val_accuracy", ""),
                          refit_ms=f"{m['refit_ms']:.0f}")
-    summary["val_accuracy_end"] = m.get("val_accuracy") if a.steps else start
+    summary.update(_suffixed({k: v for k, v in m.items() if k.startswith("val_")}, "end"))
     summary["train_seconds"] = time.perf_counter() - t0
     summary["weight_version"] = min(cluster.generation.weight_versions())
     samples.close()

@@ -36,6 +36,15 @@ def _model_dir(tmp: Path, config: dict | None, tokenizer: bool = True) -> str:
     return str(d)
 
 
+def _checkpoint(tmp: Path, step: int | None) -> str:
+    """A checkpoint directory; with `step`, the driver's state of one written at that step."""
+    d = tmp / "checkpoints" / "step_00004"
+    d.mkdir(parents=True)
+    if step is not None:
+        (d / "trainer_state.json").write_text(json.dumps({"step": step, "policy_backend": "fsdp2"}))
+    return str(d)
+
+
 CASES = {  # name: (overrides, given tmp_path, the message's part that names what is wrong)
     "unknown key": (lambda t: ["+policy.learning_rate=1"], "unknown config key 'policy.learning_rate'"),
     "placement.mode": (lambda t: ["placement.mode=bogus"], "placement.mode: must be 'colocated' or 'split'"),
@@ -64,6 +73,14 @@ CASES = {  # name: (overrides, given tmp_path, the message's part that names wha
     "reward import": (lambda t: ["reward.fn=no_such_module_xyz:score"], "reward.fn: cannot import 'no_such_module"),
     "reward missing": (lambda t: ["reward.fn=tests.reward_fns:missing"], "module 'tests.reward_fns' has no 'missing'"),
     "reward name": (lambda t: ["reward.fn=maths"], "reward.fn: 'maths' is neither a built-in"),
+    "eval_samples greedy": (lambda t: ["algorithm.eval_samples=4", "algorithm.temperature=0"],
+                            "algorithm.eval_samples: pass@4 samples at algorithm.temperature, which is 0"),
+    "resume missing": (lambda t: ["algorithm.resume_from=/nonexistent/step_00002"],
+                       "algorithm.resume_from: '/nonexistent/step_00002' is not a directory"),
+    "resume not a checkpoint": (lambda t: [f"algorithm.resume_from={_checkpoint(t, None)}"],
+                                "step_00004 has no trainer_state.json"),
+    "resume past the end": (lambda t: ["algorithm.steps=4", f"algorithm.resume_from={_checkpoint(t, 4)}"],
+                            "step_00004 is at step 4; algorithm.steps=4 leaves no step to run"),
 }
 
 

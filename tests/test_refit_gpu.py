@@ -83,8 +83,48 @@ def test_cuda_ipc_stream_is_bit_identical(per_tensor):
     shutil.rmtree(job_dir, ignore_errors=True)
 
 
-def _gpu_sender(conn, address, job_dir, token):
-    """Streams the checkpoint at each path it is sent (CUDA IPC needs two processes), replies fingerprints."""
+def test_one_copy_stream_reads_the_senders_tensors_in_place():
+    """One-copy refit: the receiver reads the sender's own storages (a fp32 source for a bf16 entry is cast
+    on the way in); in-place changes show at the next refit; a storage replaced is re-shared, the old one let
+    go; the result is always bit-identical to a cast on the sender."""
+    from colocate.refit.ipc.sender import RefitSender
+
+    job_dir, token = new_job_dir(), new_token()
+    conn, child = CTX.Pipe()
+    proc = CTX.Process(target=_gpu_receiver, args=(child, job_dir, token, 3), daemon=True)
+    proc.start()
+    address = conn.recv()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    sent = [(n, t) for n, t in _tensors() if t.is_contiguous()]
+    sent.append(("master", torch.randn(300, 64, device="cuda", generator=g)))  # fp32, for a bf16 entry
+    meta = [(n, "bfloat16" if n == "master" else d, s) for n, d, s in tensor_meta(sent)]
+    s = RefitSender(address=address, token=token, job_dir=job_dir, device="cuda", buffer_bytes=1 << 20,
+                    timeout_s=60)
+    assert s.one_copy(sent)
+    for refit in range(3):
+        if refit == 1:
+            for _, t in sent:
+                t.mul_(2)  # an optimizer step: in place
+        if refit == 2:
+            sent[0] = (sent[0][0], sent[0][1].clone() + 1)  # a storage replaced
+        stats = s.stream(iter(sent), meta, resident=sent)
+        assert stats.one_copy
+        assert conn.poll(60)
+        got = conn.recv()
+        assert isinstance(got, dict), got
+        for n, t in sent:
+            want = (t.to(torch.bfloat16) if n == "master" else t).cpu().contiguous()
+            assert got[n] == (str(want.dtype), tuple(want.shape), want.view(-1).view(torch.uint8).numpy().tobytes()), n
+        assert len(s._shared) == len({t.untyped_storage().data_ptr() for _, t in sent})
+    assert conn.poll(60) and conn.recv() == len(s._shared)  # the replaced storage was let go by the receiver too
+    s.close()
+    proc.join(30)
+    shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _gpu_sender(conn, address, job_dir, token, one_copy):
+    """Streams the checkpoint at each path it is sent (CUDA IPC needs two processes), replies fingerprints.
+    `one_copy`: the engine reads fp32 copies of the tensors in place, casting them to the checkpoint's bf16."""
     from safetensors.torch import load_file
 
     from colocate.refit.checksum import fingerprint
@@ -94,12 +134,15 @@ def _gpu_sender(conn, address, job_dir, token):
                          timeout_s=60)
     while (path := conn.recv()) is not None:
         tensors = [(n, t.cuda()) for n, t in load_file(f"{path}/model.safetensors").items()]
-        sender.stream(iter(tensors), tensor_meta(tensors))
+        resident = [(n, t.float()) for n, t in tensors] if one_copy else None
+        stats = sender.stream(iter(tensors), tensor_meta(tensors), resident=resident)
+        assert stats.one_copy == one_copy
         conn.send({n: fingerprint(t) for n, t in tensors})
     sender.close()
 
 
-def test_refit_into_vllm_on_gpu_reproduces_the_engine(tmp_path):
+@pytest.mark.parametrize("one_copy", [False, True])
+def test_refit_into_vllm_on_gpu_reproduces_the_engine(tmp_path, one_copy):
     """An engine started from model A and refit to B decodes exactly as an engine started from B."""
     from vllm import SamplingParams
 
@@ -122,13 +165,14 @@ def test_refit_into_vllm_on_gpu_reproduces_the_engine(tmp_path):
         job="test-gpu", token=token, job_dir=job_dir, timeout_s=60.0, record=True))
     address = info["address"]
     conn, child = CTX.Pipe()
-    proc = CTX.Process(target=_gpu_sender, args=(child, address, job_dir, token), daemon=True)
+    proc = CTX.Process(target=_gpu_sender, args=(child, address, job_dir, token, one_copy), daemon=True)
     proc.start()
 
     def refit(path):
         conn.send(str(path))
         llm.collective_rpc("colocate_refit_receive")
         llm.reset_prefix_cache()
+        assert conn.poll(60), "the sender process sent no fingerprints (it failed: see its traceback above)"
         return conn.recv()
 
     refit(a)
@@ -142,3 +186,19 @@ def test_refit_into_vllm_on_gpu_reproduces_the_engine(tmp_path):
     llm.collective_rpc("colocate_refit_close")
     shutdown_llm(llm)
     shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def test_in_training_benchmark_on_gpu(tmp_path):
+    """A one-rank FSDP2 policy into a vLLM engine on the GPU: the default path is the one-copy refit (the
+    engine casting from the fp32 parameters), and every path delivers the policy's current weights."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "training.json"
+    subprocess.run([sys.executable, "-m", "colocate.bench.refit", "--device", "cuda", "--model", "tiny",
+                    "--policy", "fsdp2", "--repeats", "3", "--json", str(out)], check=True, timeout=600)
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    for name, r in rows.items():
+        assert r["correct"] is True, (name, r.get("error"))
+    assert rows["policy"]["one_copy"] and not rows["policy_buffered"]["one_copy"]

@@ -15,6 +15,7 @@ Shape legend: P prompts, G samples per prompt, B = P*G sequences, T tokens per s
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +60,19 @@ def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
     return (rewards_PG - mean) / (std + eps)
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k from n samples of which c are correct (Chen et al. 2021): the chance
+    that k of them drawn without replacement include a correct one, 1 - C(n-c, k) / C(n, k)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def mean_pass_at_k(correct_by_prompt: list[list[bool]], k: int) -> float:
+    """pass@k averaged over prompts, each from its own samples' correctness."""
+    return statistics.fmean(pass_at_k(len(row), sum(row), k) for row in correct_by_prompt)
+
+
 @contextmanager
 def timed(metrics: dict[str, Any], key: str) -> Iterator[None]:
     """metrics[key] = the seconds the block took."""
@@ -82,6 +96,12 @@ class GRPO:
         self.sleep, self.sleep_level, self.offload = sleep, sleep_level, offload
         self.kl = kl
         self.rng = torch.Generator().manual_seed(seed)
+        # Sampling seeds: prompt i of step s is seeded (seed << 40) + (s << 20) + i, unique per (run seed, step,
+        # prompt). Seeding step s with s alone gave prompt i of step s the seed of prompt i - 1 of step s + 1: the
+        # same random stream again, the same completions for a prompt drawn twice.
+        if prompts_per_step >= 1 << 20:
+            raise ValueError(f"prompts_per_step must be below {1 << 20}, got {prompts_per_step}")
+        self.seed = seed
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
@@ -118,11 +138,30 @@ class GRPO:
         return out
 
     # ---- validation -----------------------------------------------------------------------------------
-    def validate(self) -> float:
-        rollouts = self.generation.generate(self._encode(self.val), n=1, temperature=0.0, top_p=1.0,
+    def evaluate(self, samples: int = 0) -> dict[str, float]:
+        """Held-out scores. `val_accuracy`: the greedy completions' mean reward; `val_pass@1`: the share of
+        prompts whose greedy completion is correct (reward > 0; the same number for 0/1 rewards); with
+        `samples` = k > 1, `val_pass@k`: pass@k from k completions per prompt sampled at the run's temperature
+        and top_p, from fixed seeds (so evaluations differ only by the weights)."""
+        prompts = self._encode(self.val)
+        correct, rewards = self._correct_by_prompt(prompts, n=1, temperature=0.0, top_p=1.0)
+        out = {"val_accuracy": statistics.fmean(row[0] for row in rewards), "val_pass@1": mean_pass_at_k(correct, 1)}
+        if samples > 1:
+            correct, _ = self._correct_by_prompt(prompts, n=samples, temperature=self.temperature, top_p=self.top_p)
+            out[f"val_pass@{samples}"] = mean_pass_at_k(correct, samples)
+        return out
+
+    def _correct_by_prompt(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float
+                           ) -> tuple[list[list[bool]], list[list[float]]]:
+        """n completions of every held-out prompt: per prompt, whether each is correct, and its reward."""
+        rollouts = self.generation.generate(prompts, n=n, temperature=temperature, top_p=top_p,
                                             max_tokens=self.max_new_tokens, stop=None, seed=0)
         texts = [self.tok.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
-        return statistics.fmean(self.score(texts, self.val))
+        rewards = self.score(texts, [self.val[r.prompt_index] for r in rollouts])
+        rewards_by_prompt: list[list[float]] = [[] for _ in self.val]
+        for r, reward in zip(rollouts, rewards, strict=True):
+            rewards_by_prompt[r.prompt_index].append(reward)
+        return [[reward > 0 for reward in row] for row in rewards_by_prompt], rewards_by_prompt
 
     # ---- one RL step ----------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, Any]:
@@ -137,7 +176,7 @@ class GRPO:
         with timed(m, "generation_s"):
             rollouts = self.generation.generate(self._encode(problems), n=self.G, temperature=self.temperature,
                                                 top_p=self.top_p, max_tokens=self.max_new_tokens, stop=None,
-                                                seed=step)
+                                                seed=(self.seed << 40) + (step << 20))
         responses = [list(r.response_ids) for r in rollouts]
         n_tokens = sum(len(r) for r in responses)
         m["tokens_per_s"] = n_tokens / m["generation_s"]
@@ -170,7 +209,8 @@ class GRPO:
                 with timed(m, "reference_s"):  # the reference's cost: one more forward pass of the batch
                     batch["ref_logprobs"] = self.policy.reference_logprobs(b.input_ids_BT, b.attention_mask_BT)
             train = self.policy.train_step(batch)
-        m.update({k: train[k] for k in ("loss", "kl", "clip_frac", "grad_norm", "lr") if k in train})
+        m.update({k: train[k] for k in ("loss", "kl", "clip_frac", "grad_norm", "lr", "reference_gb", "policy_peak_gb")
+                  if k in train})
 
         if self.sleep:
             with timed(m, "wake_weights_s"):  # weights first: the KV cache comes back after the refit

@@ -3,10 +3,13 @@ same device, by every method side by side, from one run.
 
     python -m colocate.bench.refit --device cuda --model llama3-8b --repeats 10 --json out.json
     python -m colocate.bench.refit --device cpu --model tiny --repeats 5 --json out.json
+    python -m colocate.bench.refit --device cuda --model /tmp/qwen-random --policy fsdp2 --json out.json
 
 Methods (each: warm-up refit first, then `--repeats` timed ones, median reported):
-  colocate             ping-pong buffers, packing bucket N+1 while the engine loads bucket N
-  colocate_load_weights  the same, but each bucket goes through vLLM's `model.load_weights` (on GPU the
+  colocate             the default path: one copy where it applies (GPU: the engine copies straight from the
+                       trainer's tensors through cached CUDA IPC handles), else `colocate_buffered`
+  colocate_buffered    ping-pong buffers, packing bucket N+1 while the engine loads bucket N
+  colocate_load_weights  buffered, but each bucket goes through vLLM's `model.load_weights` (on GPU the
                        engine otherwise copies straight into its parameters: colocate/engine/direct_load.py)
   colocate_serial      the same protocol with overlap off (wait for each ack before packing the next)
   per_tensor           one handle per tensor (GPU: the tensor itself shared by CUDA IPC; CPU: a segment each)
@@ -15,6 +18,13 @@ Methods (each: warm-up refit first, then `--repeats` timed ones, median reported
   floor                one process, one device copy per tensor: what any refit must at least spend
   floor_pack_unpack    one process, pack into buffers then unpack: the two copies a bucketed refit makes
 
+In-training mode (`--policy fsdp2`; `--model` a directory with weights, or tiny): a real one-rank FSDP2 policy
+(fp32 master weights, bf16 compute) is the trainer, and its weights change in place before every refit:
+  policy               the default path (GPU: one copy, the engine casting from the fp32 parameters)
+  policy_buffered      fills: each shard cast straight into the ping-pong buffers, then the engine's copy
+  policy_gather_clone  the path before: FSDP unshard, a clone per tensor, pack, the engine's copy
+  floor_cast_copy      one process, one cast + copy per tensor from the fp32 parameters: the floor
+Rows report the sender's gather, pack and wait and the engine's load beside the time.
 `correct` (refit methods): after one more, recorded refit, the tensors the engine was handed equal what was
 sent (CPU: sha256 of the bytes; GPU: on-device word sums), and so do the engine's parameters wherever vLLM
 keeps them readable (GPU: all, fused q/k/v and gate/up checked against the sum of their parts; CPU: those
@@ -41,10 +51,12 @@ import torch
 from colocate.bench.model_shapes import param_meta, resolve_model
 from colocate.refit.ipc.jobdir import new_job_dir, new_token
 
-REFIT_METHODS = ("colocate", "colocate_load_weights", "colocate_serial", "per_tensor")
+REFIT_METHODS = ("colocate", "colocate_buffered", "colocate_load_weights", "colocate_serial", "per_tensor")
+POLICY_METHODS = ("policy", "policy_buffered", "policy_gather_clone")
 NATIVE_METHODS = ("vllm_native", "vllm_native_unpacked")
 FLOOR_METHODS = ("floor", "floor_pack_unpack")
 ALL_METHODS = REFIT_METHODS + NATIVE_METHODS + FLOOR_METHODS
+TRAINING_METHODS = (*POLICY_METHODS, "floor_cast_copy")
 EXT = "colocate.refit.engine_side.RefitExtension"
 
 
@@ -55,7 +67,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--buffer-mb", type=float, default=1024, help="size of each of the two ping-pong buffers")
-    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--methods", default=None, help="default: every method of the mode")
+    p.add_argument("--policy", choices=["none", "fsdp2"], default="none",
+                   help="fsdp2: the in-training mode (a real one-rank FSDP2 policy is the trainer)")
     p.add_argument("--sweep-mb", default="", help="also time `colocate` at these buffer sizes, e.g. 256,2048")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", dest="json_path", default=None)
@@ -199,23 +213,22 @@ def _trainer(conn, a: dict[str, Any]) -> None:
                 sender = RefitSender(address=a["address"], token=a["token"], job_dir=a["job_dir"], device=device,
                                      buffer_bytes=buffer_bytes, timeout_s=a["timeout"],
                                      overlap=method != "colocate_serial", per_tensor=method == "per_tensor")
+                resident = tensors if method == "colocate" else None
                 # warm-up, timed repeats, then one the engine records for `correct`
                 mode = "load_weights" if method == "colocate_load_weights" else "direct"
                 conn.send(("serve", repeats + 2, mode))
                 stats = []
 
-                def one(s=sender, out=stats) -> None:
-                    out.append(s.stream(iter(tensors), meta_full))
+                def one(s=sender, out=stats, r=resident) -> None:
+                    out.append(s.stream(iter(tensors), meta_full, resident=r))
 
                 cold, times = _time(one, repeats, device)
-                sender.stream(iter(tensors), meta_full)
+                sender.stream(iter(tensors), meta_full, resident=resident)
                 received, params = call_engine("colocate_fingerprints", {})
                 sender.close()
                 call_engine("colocate_drop_buffers", {})
                 timed = stats[1:]
-                row["sender_pack_s"] = statistics.median(x.pack_seconds for x in timed)
-                row["sender_wait_s"] = statistics.median(x.wait_seconds for x in timed)
-                row["buckets"] = timed[0].buckets
+                row.update(_sender_stats(timed))
                 params_ok, compared = engine_params_match(params, sent_fps)
                 row.update(cold_s=cold, times_s=times, correct=received == sent_fps and params_ok,
                            received_equal=received == sent_fps, params_compared=compared)
@@ -238,6 +251,103 @@ def _trainer(conn, a: dict[str, Any]) -> None:
             row["traceback"] = traceback.format_exc()
         conn.send(("row", row))
     conn.send(("done",))
+
+
+def _sender_stats(stats) -> dict[str, Any]:
+    return {"sender_gather_s": statistics.median(x.gather_seconds for x in stats),
+            "sender_pack_s": statistics.median(x.pack_seconds for x in stats),
+            "sender_wait_s": statistics.median(x.wait_seconds for x in stats),
+            "buckets": stats[0].buckets, "one_copy": stats[0].one_copy}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _policy_trainer(conn, a: dict[str, Any]) -> None:
+    """The in-training mode's trainer: a one-rank FSDP2 policy; see the module docstring."""
+    from colocate.policy.worker import PolicyWorker
+    from colocate.refit.checksum import fingerprint
+    from colocate.refit.ipc.sender import RefitSender
+    from colocate.refit.plan import manifest_meta_of
+
+    device, repeats = a["device"], a["repeats"]
+    dtype = getattr(torch, a["dtype"])
+    worker = PolicyWorker(model_path=a["model_dir"], rank=0, world_size=1, master_addr="127.0.0.1",
+                          master_port=_free_port(), device=device, param_dtype="bfloat16")
+    meta = manifest_meta_of(worker.weights_manifest(dtype))
+    params = [p for p in worker.model.parameters()]
+    step = [0]
+
+    def perturb() -> None:  # what an optimizer step does to the weights: all of them change, in place
+        step[0] += 1
+        with torch.no_grad():
+            for p in params:
+                p.to_local().mul_(1.0 + 2.0 ** -(4 + step[0] % 3))
+        _sync(device)
+
+    def weights_fps() -> dict[str, str]:
+        return {n: fingerprint(t) for n, t in worker.iter_weights(dtype)}
+
+    total = sum(x.numel() * x.element_size() for _, x in worker.iter_weights(dtype))
+    conn.send(("ready", total, len(meta)))
+
+    def call_engine(name: str) -> Any:
+        conn.send(("call", name, {}))
+        kind, value = conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"engine call {name} failed:\n{value}")
+        return value
+
+    for method in a["methods"]:
+        row: dict[str, Any] = {"method": method, "buffer_bytes": a["buffer_bytes"]}
+        try:
+            if method == "floor_cast_copy":
+                pairs = [(torch.empty(p.shape, dtype=dtype, device=p.device), p.to_local().detach()) for p in params]
+
+                def run(pairs=pairs) -> None:
+                    for d, t in pairs:
+                        d.copy_(t)
+
+                cold, times = _time(run, repeats, device)
+                row.update(cold_s=cold, times_s=times, correct=all(torch.equal(d, t.to(dtype)) for d, t in pairs))
+            else:
+                sender = RefitSender(address=a["address"], token=a["token"], job_dir=a["job_dir"], device=device,
+                                     buffer_bytes=a["buffer_bytes"], timeout_s=a["timeout"])
+                conn.send(("serve", repeats + 2, "direct"))
+                stats, times = [], []
+                for i in range(repeats + 2):
+                    perturb()
+                    if i == repeats + 1:
+                        sent = weights_fps()
+                    t = time.perf_counter()
+                    if method == "policy_gather_clone":
+                        stats.append(sender.stream(worker.iter_weights(dtype), meta))
+                    else:
+                        resident = worker.resident_weights(dtype) if method == "policy" else None
+                        stats.append(sender.stream(worker.refit_sources(dtype), meta, resident=resident))
+                    _sync(device)
+                    times.append(time.perf_counter() - t)
+                received, engine_params = call_engine("colocate_fingerprints")
+                sender.close()
+                call_engine("colocate_drop_buffers")
+                row.update(_sender_stats(stats[1:-1]))
+                params_ok, compared = engine_params_match(engine_params, sent)
+                row.update(cold_s=times[0], times_s=times[1:-1], correct=received == sent and params_ok,
+                           received_equal=received == sent, params_compared=compared)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc()
+        conn.send(("row", row))
+    conn.send(("done",))
+
+
+def policy_trainer_main(conn, args: dict[str, Any]) -> None:
+    report_fatal(conn, _policy_trainer, args)
 
 
 # ---- the engine process (this one) ----------------------------------------------------------------------
@@ -280,7 +390,7 @@ def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
         elif kind == "row":
             rows.append(msg[1])
             r = msg[1]
-            if r["method"].split("@")[0] in REFIT_METHODS and receiver_load_s:
+            if r["method"].split("@")[0] in REFIT_METHODS + POLICY_METHODS and receiver_load_s:
                 r["receiver_load_s"] = receiver_load_s.pop()
             status = r.get("error") or r.get("skipped") or f"median {statistics.median(r['times_s']) * 1e3:.2f} ms"
             print(f"  {r['method']:<22} {status}", file=sys.stderr, flush=True)
@@ -293,12 +403,18 @@ def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from colocate.engine.vllm_engine import make_llm, shutdown_llm
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(ALL_METHODS))
+    training = args.policy == "fsdp2"
+    known = TRAINING_METHODS if training else ALL_METHODS
+    methods = [m.strip() for m in (args.methods or ",".join(known)).split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(known)}")
+    # In training the engine is bf16 beside fp32 master weights, on CPU too (the cast is part of the path).
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" or training else "float32")
     model_dir, has_weights = resolve_model(args.model)
+    if training and not has_weights:
+        raise SystemExit(f"--policy fsdp2 needs weights in --model ({model_dir}); build random ones with "
+                         "python -m colocate.models.random_init --shapes <shape set> --out DIR")
     meta = param_meta(model_dir, getattr(torch, dtype))
     job_dir, token = new_job_dir(), new_token()
     extra: dict[str, Any] = {}
@@ -317,9 +433,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     buffer_bytes = int(args.buffer_mb * (1 << 20))
-    proc = ctx.Process(target=trainer_main, daemon=True, args=(child, dict(
+    proc = ctx.Process(target=policy_trainer_main if training else trainer_main, daemon=True, args=(child, dict(
         device=args.device, meta=meta, dtype=dtype, repeats=args.repeats, methods=methods, address=address,
-        token=token, job_dir=job_dir, buffer_bytes=buffer_bytes, timeout=args.timeout,
+        token=token, job_dir=job_dir, buffer_bytes=buffer_bytes, timeout=args.timeout, model_dir=str(model_dir),
         sweep_mb=[float(x) for x in args.sweep_mb.split(",") if x.strip()])))
     proc.start()
     try:
@@ -342,7 +458,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, *,
             prog: str = "colocate.bench.refit") -> dict[str, Any]:
     """Medians, GB/s and ratio to `floor` per row, with the run's device, software, date and command."""
-    floor = next((statistics.median(r["times_s"]) for r in rows if r["method"] == "floor" and "times_s" in r), None)
+    floor = next((statistics.median(r["times_s"]) for r in rows
+                  if r["method"] in ("floor", "floor_cast_copy") and "times_s" in r), None)
     for r in rows:
         if "times_s" in r:
             med = statistics.median(r["times_s"])
@@ -355,6 +472,7 @@ def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, *,
     return {
         "device": device,
         "model": args.model,
+        "mode": "in-training (one-rank FSDP2 policy)" if getattr(args, "policy", "none") == "fsdp2" else "tensors",
         "dtype": dtype,
         "bytes": total_bytes,
         "tensors": n_tensors,

@@ -79,17 +79,35 @@ class DirectLoader:
         self.model = model
         self.dst = destinations(model)
 
-    def load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+    def load(self, weights: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
+        """`dtype`: what the tensors stand for; a wider float source is cast by the copy into a parameter of
+        that dtype (round to nearest, as `.to(dtype)`), and cast first on vLLM's loader path.
+
+        The copies of one source dtype go out as one multi-tensor launch (`torch._foreach_copy_`): a refit of
+        Qwen2.5-1.5B is 338 tensors, and 338 launches cost more than the copies themselves (measured: the
+        engine's load 5.2 ms against 3.3 ms for the same copies issued back to back in one process)."""
+        copies: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         rest = []
         for name, t in weights:
-            d = self.dst.get(name)
-            if d is not None and d.dtype == t.dtype and d.shape[1:] == t.shape[1:]:
-                if d.shape[0] == t.shape[0]:
-                    d.copy_(t, non_blocking=True)
-                    continue
-                if d.shape[0] > t.shape[0] and ("embed_tokens" in name or "lm_head" in name):
-                    d[: t.shape[0]].copy_(t, non_blocking=True)  # vLLM pads the vocabulary; padding stays
-                    continue
-            rest.append((name, t))
+            d = self._destination(name, t, dtype)
+            if d is None:
+                rest.append((name, t if dtype is None else t.to(dtype)))
+                continue
+            dsts, srcs = copies.setdefault(t.dtype, ([], []))
+            dsts.append(d)
+            srcs.append(t)
+        for dsts, srcs in copies.values():
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
         if rest:
             self.model.load_weights(weights=rest)
+
+    def _destination(self, name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor | None:
+        """Where `t` goes, or None for vLLM's loader (an unknown name, another dtype, another shape)."""
+        d = self.dst.get(name)
+        if d is None or d.dtype != (dtype or t.dtype) or d.shape[1:] != t.shape[1:]:
+            return None
+        if d.shape[0] == t.shape[0]:
+            return d
+        if d.shape[0] > t.shape[0] and ("embed_tokens" in name or "lm_head" in name):
+            return d[: t.shape[0]]  # vLLM pads the vocabulary; the padding stays
+        return None

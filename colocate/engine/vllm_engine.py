@@ -104,7 +104,8 @@ def make_llm(
       (vLLM's own startup call that would drop torch to 1 thread is swallowed by it, so threads stay).
     - `tensor_parallel_size > 1`: the TP ranks are processes of vLLM's multiprocessing executor, chosen
       explicitly: inside a Ray placement group vLLM would pick its Ray executor; this one keeps the ranks on
-      the engine actor's node, beside the policy ranks that send them the refit.
+      the engine actor's node, beside the policy ranks that send them the refit (on GPU, TP rank r on the
+      actor's visible device r: `placement.engine_visible_devices`).
       `VLLM_CPU_OMP_THREADS_BIND=nobind` (unless set): vLLM's automatic binding wants one NUMA node per TP
       rank and refuses to start otherwise ("Not enough allowed NUMA nodes to bind threads of 2 local
       CPUWorkers"); on a machine whose cores Ray shares out, pinning would fight the other actors anyway.
@@ -140,7 +141,7 @@ def make_llm(
         kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     if worker_extension_cls is not None:
         kwargs["worker_extension_cls"] = worker_extension_cls
-    if on_cpu and tensor_parallel_size > 1:
+    if tensor_parallel_size > 1:
         kwargs["distributed_executor_backend"] = "mp"
     if skip_tokenizer_init:  # shape-only engines (load_format="dummy") need no tokenizer
         kwargs["skip_tokenizer_init"] = True
@@ -198,23 +199,28 @@ def begin_weight_update(worker: Any) -> None:
     setattr(worker, _ACTIVE, True)
 
 
-def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]],
+                             dtype: torch.dtype | None = None) -> None:
     """Load one bucket of HF-named tensors (any subset of the model's) between begin and finish.
 
-    The tensors may be reused by the caller as soon as this returns.
+    The tensors may be reused by the caller as soon as this returns. `dtype`: what the tensors stand for
+    (a wider float is cast to it: by the copy itself on the direct path, else first).
     """
     if not weight_update_active(worker):
         raise RuntimeError("load_weights_into_worker called outside begin/finish_weight_update")
-    getattr(worker, _RECEIVED).update((n, (dtype_name(t.dtype), tuple(t.shape))) for n, t in weights)
+    getattr(worker, _RECEIVED).update((n, (dtype_name(dtype or t.dtype), tuple(t.shape))) for n, t in weights)
+    direct = getattr(worker, _LOAD_MODE, "direct") == "direct" and can_load_directly(worker)
+    if dtype is not None and not direct:
+        weights = [(n, t.to(dtype)) for n, t in weights]
     if _uses_layerwise_reload(worker):
         weights = [(name, tensor.clone()) for name, tensor in weights]
-    elif getattr(worker, _LOAD_MODE, "direct") == "direct" and can_load_directly(worker):
+    elif direct:
         loader = getattr(worker, _DIRECT, None)
         if loader is None:
             loader = DirectLoader(_model(worker))
             setattr(worker, _DIRECT, loader)
         with torch.no_grad():
-            loader.load(weights)
+            loader.load(weights, dtype=dtype)
         return
     with _loading_context(worker):
         _model(worker).load_weights(weights=weights)

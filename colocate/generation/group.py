@@ -71,11 +71,13 @@ class GenerationGroup:
         placement_group: PlacementGroup | None = None,
         bundle_indices: Sequence[int] | None = None,
         env_vars: dict[str, str] | None = None,
+        worker_env_vars: Sequence[dict[str, str]] | None = None,
         chat: bool = False,
         call_timeout_s: float | None = None,
         **worker_kwargs: Any,
     ) -> None:
-        """`chat`: format text prompts (and message lists) with the tokenizer's chat template.
+        """`worker_env_vars[i]`: more environment for worker i (a TP engine's GPUs on top of `env_vars`).
+        `chat`: format text prompts (and message lists) with the tokenizer's chat template.
         `call_timeout_s`: bound on every wait (None: unbounded; generation can take long)."""
         strategies = bundle_strategies(num_workers, placement_group, bundle_indices)
         self.num_workers = num_workers
@@ -85,11 +87,12 @@ class GenerationGroup:
         actor_cls = ray.remote(GenerationWorker)
         self.workers = []
         for index in range(num_workers):
+            env = {**(env_vars or {}), **(worker_env_vars[index] if worker_env_vars else {})}
             self.workers.append(actor_cls.options(
                 num_cpus=num_cpus_per_worker,
                 num_gpus=num_gpus_per_worker,
                 scheduling_strategy=strategies[index],
-                runtime_env={"env_vars": env_vars} if env_vars else None,
+                runtime_env={"env_vars": env} if env else None,
                 max_concurrency=MAX_CONCURRENCY,
             ).remote(index=index, **worker_kwargs))
         try:

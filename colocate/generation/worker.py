@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -66,6 +67,8 @@ class GenerationWorker:
         self._master_known = False
         self._connect_timeout_s = 0.0
         backend_cls = AsyncBackend if engine == "async" else SyncBackend
+        started = time.perf_counter()
+        logger.info("engine %d: starting vLLM (%s engine, tp=%d) for %s", index, engine, tensor_parallel_size, model)
         try:
             self._backend: Backend = backend_cls(
                 model, dtype=dtype, load_format=load_format, seed=seed, max_model_len=max_model_len,
@@ -76,6 +79,7 @@ class GenerationWorker:
         except Exception as e:
             raise EngineStartError(f"worker {index}: the {engine} vLLM engine for {model!r} failed to start: "
                                    f"{type(e).__name__}: {e}", worker_index=index) from e
+        logger.info("engine %d: up in %.1f s", index, time.perf_counter() - started)
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(

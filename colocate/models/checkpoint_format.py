@@ -58,6 +58,10 @@ class CheckpointFormat:
                     f"{type(model).__name__}: transformers' conversion of this checkpoint cannot be undone "
                     f"tensor by tensor (differs in {diff})")
 
+    def is_identity(self, name: str) -> bool:
+        """Whether the model's tensor `name` is the checkpoint's tensor of that name, as it is."""
+        return name in self._identity
+
     def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """The checkpoint tensors `tensor` (the model's `name`) stands for: itself, or views of its parts."""
         if name in self._identity:

@@ -2,7 +2,9 @@
 
 A resume checkpoint is one `torch.distributed.checkpoint` directory holding the model, the AdamW state,
 the LR scheduler and the step count. Every rank writes its own shards, so `path` must be on a filesystem
-all ranks share, and a checkpoint can be loaded into a different world size (DCP reshards on load).
+all ranks share, and a checkpoint can be loaded into a different world size (DCP reshards on load). Beside
+the shards each rank keeps its RNG states (`rng_rank{r}.json`): those belong to a rank, not to a tensor DCP
+could reshard, and a rank that is not there on load (another world size) keeps its own.
 
 An HF export is what `AutoModelForCausalLM.from_pretrained` and vLLM read: safetensors in HF names, the
 config (with the original architecture name, not FSDP's generated subclass), the generation config, and
@@ -11,6 +13,7 @@ pass through rank 0's CPU memory one tensor at a time on their way into the stat
 """
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from colocate.policy.weights import iter_full_weights
+from colocate.rng import rng_state, set_rng_state
 
 # Files of an HF model directory that the export writes itself; everything else (tokenizer, chat template)
 # is copied from the source directory.
@@ -67,6 +71,21 @@ def load_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(state["trainer"]["scheduler"])
     return int(state["trainer"]["step"])
+
+
+def save_rng(path: str | Path, rank: int) -> None:
+    """This rank's python / numpy / torch RNG states, beside the checkpoint's shards."""
+    (Path(path) / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
+
+
+def load_rng(path: str | Path, rank: int) -> bool:
+    """Restore what `save_rng` wrote for this rank; False where it wrote nothing (an older checkpoint, or a
+    rank beyond the world size that saved it)."""
+    file = Path(path) / f"rng_rank{rank}.json"
+    if not file.is_file():
+        return False
+    set_rng_state(json.loads(file.read_text()))
+    return True
 
 
 def export_hf(

@@ -17,11 +17,13 @@ A weight shared by two modules (tied input/output embeddings) is yielded once, u
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from colocate.models.checkpoint_format import CheckpointFormat
+from colocate.refit.sources import Fill, Source, castable
 
 # (HF name, full shape, dtype) of one streamed weight.
 ManifestEntry = tuple[str, tuple[int, ...], torch.dtype]
@@ -118,6 +120,175 @@ def _iter_model_weights(
             yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
     finally:
         reshard(model)
+
+
+def _state_refs(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(state-dict name, module, attribute) of each unique weight, worked out once and kept on the model: a
+    refit then reads `getattr(module, attribute)` (the current sharded parameter, whatever `.to()` or a load
+    put there) instead of building the state dict through FSDP's hooks every time (~10 ms for 338 tensors)."""
+    refs = getattr(model, "_colocate_state_refs", None)
+    if refs is None:
+        reshard(model)
+        owner: dict[int, tuple[nn.Module, str]] = {}
+        for m in model.modules():
+            for attr, t in [*m._parameters.items(), *m._buffers.items()]:
+                if t is not None:
+                    owner.setdefault(id(t), (m, attr))
+        refs = [(name, *owner[id(t)]) for name, t in _unique_state(model)]
+        model._colocate_state_refs = refs
+    return refs
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # The rank's shard as a plain tensor, without DTensor's dispatch (`to_local()`, `detach()`: tens of
+    # microseconds each, hundreds of tensors per refit).
+    return (t._local_tensor if isinstance(t, DTensor) else t).detach()
+
+
+@torch.no_grad()
+def iter_weight_sources(
+    model: nn.Module, dtype: torch.dtype | None = None, *, fsdp_param_dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, Source]]:
+    """What `iter_full_weights` yields, for a refit sender: every weight as a `Fill` that writes it straight
+    into the sender's buffer, in place of an FSDP unshard, a clone per tensor and a pack:
+    - one rank: the cast of the shard (the whole tensor) is the copy into the buffer;
+    - several, consecutive weights of one FSDP module sharded evenly along dim 0 (the dense families'
+      projections): cast and all-gathered by one collective (as FSDP's own unshard, ~one per decoder layer)
+      when the first of their fills runs; each fill copies its rows of every rank's block into the buffer
+      (the concatenation of equal dim-0 shards is the tensor);
+    - anything else (uneven shards, a checkpoint conversion): gathered whole at its first fill, converted.
+    Every collective runs inside a fill, never in the generator itself: the ranks call their fills in
+    manifest order (a sender as it packs each bucket, a rank that sends nothing as it iterates) but pull from
+    the generator at different times, so a collective there would run in a different order on each rank."""
+    if dtype is None:
+        yield from iter_full_weights(model, dtype, fsdp_param_dtype=fsdp_param_dtype)
+        return
+    fmt = checkpoint_format(model)
+    reshard(model)
+    owners = _owners(model)
+    run: list[tuple[str, DTensor]] = []
+
+    def flush() -> Iterator[tuple[str, Source]]:
+        if run:
+            gather = _RunGather([t for _, t in run], dtype)
+            yield from ((n, gather.fill_for(k)) for k, (n, _) in enumerate(run))
+            run.clear()
+
+    for name, module, attr in _state_refs(model):
+        tensor = getattr(module, attr)
+        if fmt.is_identity(name) and _even_dim0(tensor) and tensor.device_mesh.size() > 1:
+            if run and (owners[name] != owners[run[-1][0]] or tensor.device_mesh is not run[-1][1].device_mesh):
+                yield from flush()
+            run.append((name, tensor))
+            continue
+        yield from flush()
+        if fmt.is_identity(name) and _even_dim0(tensor):  # one rank: the shard is the tensor
+            local = _local(tensor)
+            yield name, Fill(tuple(tensor.shape), dtype, local.device, lambda out, src=local: out.copy_(src))
+            continue
+        whole = _Whole(name, tensor, dtype, fmt)
+        for piece, shape in whole.pieces:
+            yield piece, whole.fill_for(piece, shape)
+    yield from flush()
+
+
+class _Whole:
+    """One weight gathered whole at the first fill of its checkpoint tensors (one, or several for a
+    conversion), converted, and dropped after the last."""
+
+    def __init__(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, fmt: CheckpointFormat) -> None:
+        self.name, self.tensor, self.dtype, self.fmt = name, tensor, dtype, fmt
+        self.pieces = fmt.meta(name, tuple(tensor.shape), dtype)
+        self.device = _local(tensor).device
+        self.parts: dict[str, torch.Tensor] | None = None
+        self.left = len(self.pieces)
+
+    def fill_for(self, piece: str, shape: tuple[int, ...]) -> Fill:
+        return Fill(shape, self.dtype, self.device, lambda out: self._fill(piece, out))
+
+    def _fill(self, piece: str, out: torch.Tensor) -> None:
+        if self.parts is None:
+            t = self.tensor.detach()
+            if isinstance(t, DTensor):
+                t = t.to(self.dtype).full_tensor()  # the cast before the gather: half the traffic, same bits
+            self.parts = dict(self.fmt.convert(self.name, t))
+        out.copy_(self.parts[piece])
+        self.left -= 1
+        if self.left == 0:
+            self.parts = None
+
+
+def _even_dim0(t: torch.Tensor) -> bool:
+    """A DTensor sharded along dim 0 into equal shards over a 1-D mesh (FSDP2's layout without padding)."""
+    return (isinstance(t, DTensor) and t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
+            and t.shape[0] % t.device_mesh.size() == 0)
+
+
+def _owners(model: nn.Module) -> dict[str, int]:
+    """State-dict name -> which FSDP module's unshard would gather it (an id), worked out once."""
+    owners = getattr(model, "_colocate_owners", None)
+    if owners is None:
+        names = [n for n, _, _ in _state_refs(model)]
+        groups = gather_groups(model, names)
+        owners = {n: id(groups[n][0]) if n in groups else -1 for n in names}
+        model._colocate_owners = owners
+    return owners
+
+
+class _RunGather:
+    """Consecutive weights of one FSDP module: their shards cast into one input and all-gathered by one
+    collective when the first of their fills runs (every rank runs its fills in the same order); a fill
+    then copies its rows of every rank's block into `out`. The gathered block is dropped after the last."""
+
+    def __init__(self, tensors: list[DTensor], dtype: torch.dtype) -> None:
+        self.locals = [_local(t) for t in tensors]
+        self.shapes = [tuple(t.shape) for t in tensors]
+        self.dtype = dtype
+        self.group = tensors[0].device_mesh.get_group()
+        self.world = tensors[0].device_mesh.size()
+        self.offsets = [0]
+        for local in self.locals:
+            self.offsets.append(self.offsets[-1] + local.numel())
+        self.block: torch.Tensor | None = None
+        self.left = len(tensors)
+
+    def fill_for(self, k: int) -> Fill:
+        return Fill(self.shapes[k], self.dtype, self.locals[k].device, lambda out: self._fill(k, out))
+
+    def _fill(self, k: int, out: torch.Tensor) -> None:
+        if self.block is None:
+            device = self.locals[0].device
+            shards = torch.empty(self.offsets[-1], dtype=self.dtype, device=device)
+            torch._foreach_copy_([shards[a:b].view(x.shape) for a, b, x in
+                                  zip(self.offsets[:-1], self.offsets[1:], self.locals, strict=True)], self.locals)
+            block = torch.empty(self.world * self.offsets[-1], dtype=self.dtype, device=device)
+            dist.all_gather_into_tensor(block, shards, group=self.group)
+            self.block = block.view(self.world, self.offsets[-1])
+        a, b = self.offsets[k], self.offsets[k + 1]
+        out.view(self.world, b - a).copy_(self.block[:, a:b])
+        self.left -= 1
+        if self.left == 0:
+            self.block = None
+
+
+def resident_weights(model: nn.Module, dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]] | None:
+    """Every weight where it already lives whole on this rank's CUDA device, in checkpoint names and
+    manifest order: the parameters themselves (fp32 master weights under bf16 compute; a one-copy refit
+    casts to `dtype` as it copies). None where that is not so: sharded over several ranks, a checkpoint
+    conversion that is not the identity, parameters off the GPU."""
+    fmt = checkpoint_format(model)
+    out = []
+    reshard(model)
+    for name, module, attr in _state_refs(model):
+        t = getattr(module, attr)
+        if isinstance(t, DTensor) and t.device_mesh.size() != 1:
+            return None
+        t = _local(t)
+        if (not fmt.is_identity(name) or not t.is_cuda or not t.is_contiguous()
+                or (dtype is not None and not castable(t.dtype, dtype))):
+            return None
+        out.append((name, t))
+    return out
 
 
 def weights_manifest(model: nn.Module, dtype: torch.dtype | None = None) -> list[ManifestEntry]:

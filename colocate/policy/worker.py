@@ -24,8 +24,10 @@ Shape legend: B = sequences, T = tokens per sequence (prompt + response, padded)
 
 import datetime
 import functools
+import logging
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -43,10 +45,18 @@ from transformers import AutoModelForCausalLM
 from colocate.policy import checkpoint
 from colocate.policy.grpo_loss import LOSS_AGGS, LossAgg, grpo_loss
 from colocate.policy.lr_schedule import LrDecay, lr_multiplier
-from colocate.policy.weights import ManifestEntry, iter_full_weights, reshard, weights_manifest
+from colocate.policy.weights import (
+    ManifestEntry,
+    iter_full_weights,
+    iter_weight_sources,
+    reshard,
+    resident_weights,
+    weights_manifest,
+)
 from colocate.refit.policy_side import StreamsRefits
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Summed across ranks after each step, then divided by the global token count (all but the first two).
 _METRIC_KEYS = ("loss", "tokens", "pg_loss", "kl", "clip_frac", "ratio_mean")
@@ -89,6 +99,7 @@ class PolicyWorker(StreamsRefits):
             raise ValueError(f"param_dtype must be one of {tuple(_DTYPES)}, got {param_dtype!r}")
         if loss_agg not in LOSS_AGGS:
             raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+        started = time.perf_counter()
         self.rank = rank
         self.world_size = world_size
         self.model_path = model_path
@@ -138,6 +149,8 @@ class PolicyWorker(StreamsRefits):
             )
             ref.config.use_cache = False
             self.reference = self._shard(ref.requires_grad_(False).eval(), self.param_dtype)
+        log.info("policy rank %d: model loaded in %.1f s (%s, %s)", rank, time.perf_counter() - started,
+                 self.architecture, self.device)
 
     # ---------------------------------------------------------------- setup
 
@@ -285,6 +298,19 @@ class PolicyWorker(StreamsRefits):
         for key in _METRIC_KEYS[2:]:
             out[key] /= max(out["tokens"], 1.0)
         out.update(grad_norm=grad_norm, lr=lr, step=float(self.step), skipped=float(skipped))
+        out.update(self._memory_metrics())
+        return out
+
+    def _memory_metrics(self) -> dict[str, float]:
+        """This rank's memory, for the metrics: the reference's shards (what `kl_coef > 0` costs, besides its
+        forward pass) and, on a GPU, the peak allocated since the last step (reset here)."""
+        out = {}
+        if self.reference is not None:
+            reshard(self.reference)  # its root stays gathered after a no-grad forward: count the shards
+            out["reference_gb"] = sum(_local_bytes(p) for p in self.reference.parameters()) / 1e9
+        if self.device.type == "cuda":
+            out["policy_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+            torch.cuda.reset_peak_memory_stats(self.device)
         return out
 
     def _clip_grad_norm(self) -> float:
@@ -360,6 +386,16 @@ class PolicyWorker(StreamsRefits):
         self._require(params=True)
         return iter_full_weights(self.model, dtype, fsdp_param_dtype=self.param_dtype)
 
+    def refit_sources(self, dtype: torch.dtype) -> Iterator[tuple[str, Any]]:
+        """`iter_weights` for a refit sender: even shards as fills gathered straight into its buffers."""
+        self._require(params=True)
+        return iter_weight_sources(self.model, dtype, fsdp_param_dtype=self.param_dtype)
+
+    def resident_weights(self, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]] | None:
+        """One rank on a GPU: the parameters themselves, read in place by a one-copy refit."""
+        self._require(params=True)
+        return resident_weights(self.model, dtype) if self.device.type == "cuda" else None
+
     def weights_manifest(self, dtype: torch.dtype | None = None) -> list[ManifestEntry]:
         """`(name, shape, dtype)` of what `iter_weights(dtype)` yields; gathers nothing."""
         return weights_manifest(self.model, dtype)
@@ -369,12 +405,14 @@ class PolicyWorker(StreamsRefits):
         checkpoint.save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, step=self.step
         )
+        checkpoint.save_rng(path, self.rank)
 
     def load_checkpoint(self, path: str) -> int:
         self._require(params=True, optimizer=True)
         self.step = checkpoint.load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
+        checkpoint.load_rng(path, self.rank)
         return self.step
 
     def export_hf(self, path: str, dtype: torch.dtype | None = None) -> None:
@@ -395,6 +433,11 @@ class PolicyWorker(StreamsRefits):
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
 
 
 def _attention_for(model_path: str, requested: str) -> str:

@@ -96,10 +96,11 @@ class RefitExtension:
         self._colocate_receiver = receiver
         return receiver
 
-    def _colocate_load(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+    def _colocate_load(self, weights: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
+        """`dtype`: cast every tensor to it on the way in (a one-copy refit from fp32 master weights)."""
         if self._colocate_record:
-            self._colocate_seen.update((n, fingerprint(t)) for n, t in weights)
-        vllm_engine.load_weights_into_worker(self, weights)
+            self._colocate_seen.update((n, fingerprint(t if dtype is None else t.to(dtype))) for n, t in weights)
+        vllm_engine.load_weights_into_worker(self, weights, dtype=dtype)
 
     def colocate_refit_set_master(self, master: tuple[str, int]) -> None:
         """Where the split transport's store listens (the actor looks it up where the worker cannot)."""
@@ -144,7 +145,7 @@ class RefitExtension:
     def colocate_refit_drop_buffers(self) -> None:
         """Close the sender's buffers this receiver keeps open (zmq; the sender is done with them)."""
         if isinstance(self._colocate_receiver, RefitReceiver):
-            self._colocate_receiver.cache.drop()
+            self._colocate_receiver.drop_buffers()
 
     def colocate_device_key(self) -> str:
         """Which device this worker runs on: "cuda:<uuid>", or "cpu:0"."""

@@ -35,6 +35,8 @@ class SendStats:
     """Inside the tensor iterator (an FSDP policy's all-gather of each parameter)."""
     manifest_sent: bool = False
     """Whether this refit carried the manifest (the first one of a layout)."""
+    one_copy: bool = False
+    """Whether the engine read the weights in place (no buffers packed; `pack_seconds` is the set-up)."""
 
 
 @dataclass

@@ -16,25 +16,7 @@ DEADLINE=$((SECONDS + ${BUDGET_S:-540}))
 MODEL=/tmp/qwen-random
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/device.txt"
 
-# bounded CAP LOG CMD...: CMD with a timeout of min(CAP, time left - 15 s), output to LOG, its exit code at the
-# end of LOG and on stdout. After a timeout, the Ray processes it left (actors holding GPU memory) are stopped.
-bounded() {
-  local cap=$1 log=$2; shift 2
-  local t=$((DEADLINE - SECONDS - 15)); [ "$t" -gt "$cap" ] && t=$cap
-  if [ "$t" -lt 60 ]; then echo "skipped: only $t s left for: $*" | tee "$log"; return 0; fi
-  echo "[$(date +%T)] $* (bound $t s)"
-  timeout -k 10 "$t" "$@" > "$log" 2>&1
-  local rc=$?
-  echo "exit code: $rc (bound $t s, $SECONDS s into the call)" | tee -a "$log"
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then python -m ray.scripts.scripts stop --force > /dev/null 2>&1; fi
-  return 0
-}
-
-weights() {
-  [ -f $MODEL/config.json ] && return 0
-  bounded 150 "$OUT/random_init.log" python -m colocate.models.random_init --shapes qwen2.5-1.5b --out $MODEL \
-    --dtype float32 --device cuda
-}
+source "$(dirname "$0")/gpu_common.sh"  # bounded, weights, step_metrics
 
 [ $# -gt 0 ] || { echo "usage: $0 test|check|grpo [...]"; exit 2; }
 for mode in "$@"; do

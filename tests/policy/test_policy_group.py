@@ -148,6 +148,55 @@ def _stream_and_gather(
     return (streamed, full) if worker.rank == 0 else None
 
 
+def _sources_and_weights(worker: PolicyWorker) -> tuple[int, int, list[str], bool]:
+    from colocate.policy.weights import resident_weights
+    from colocate.refit.sources import Fill
+
+    # What a refit sender gets: fills that cast the local shard and all-gather it into the sender's buffer.
+    sources = list(worker.refit_sources(torch.bfloat16))
+    fills = sum(isinstance(s, Fill) for _, s in sources)
+    gathered = [(n, s.materialize() if isinstance(s, Fill) else s.clone()) for n, s in sources]
+    weights = [(n, t.clone()) for n, t in worker.iter_weights(torch.bfloat16)]
+    unequal = [n for (n, a), (m, b) in zip(gathered, weights, strict=True)
+               if n != m or a.dtype != b.dtype or not torch.equal(a, b)]
+    return fills, len(sources), unequal, resident_weights(worker.model, torch.bfloat16) is None
+
+
+def test_refit_fills_equal_the_gathered_weights(group: PolicyGroup) -> None:
+    group.train_step(_batch(group))
+    for fills, total, unequal, no_resident in group.execute(_sources_and_weights):
+        assert unequal == []
+        assert 0 < fills <= total  # the tiny model's dims are even: its projections gather as fills
+        assert no_resident  # sharded over two ranks: nothing lives whole on one device
+
+
+def _fill_in_rank_order(worker: PolicyWorker) -> list[str]:
+    from colocate.refit.sources import Fill
+
+    # Rank 0 consumes as a sender does: pulls a bucket's worth of sources, then fills them; rank 1 as a rank
+    # that sends nothing: each fill as it comes. Every collective must still run in the same order on both.
+    sources = worker.refit_sources(torch.bfloat16)
+    got: list[tuple[str, torch.Tensor]] = []
+    while True:
+        bucket = list(itertools.islice(sources, 3 if worker.rank == 0 else 1))
+        if not bucket:
+            break
+        got += [(n, s.materialize() if isinstance(s, Fill) else s) for n, s in bucket]
+    want = list(worker.iter_weights(torch.bfloat16))
+    return [n for (n, a), (m, b) in zip(got, want, strict=True) if n != m or not torch.equal(a, b)]
+
+
+def test_refit_fills_keep_collectives_in_order_across_ranks(ray_cluster: None, tmp_path: Path) -> None:
+    """Odd sizes shard unevenly: the embedding and every layer's gate/up are gathered whole, between runs
+    of even weights gathered a module at a time; ranks pulling the sources in different patterns agree."""
+    path = build_tiny_model(tmp_path / "odd", vocab_size=509, intermediate_size=255, seed=4)
+    g = _make_group(path)
+    try:
+        assert g.execute(_fill_in_rank_order) == [[], []]
+    finally:
+        g.shutdown()
+
+
 def test_iter_weights_equal_full_state_dict_after_a_step(group: PolicyGroup, tmp_path: Path) -> None:
     batch = _batch(group)
     group.train_step(batch)
@@ -174,11 +223,25 @@ def test_iter_weights_equal_full_state_dict_after_a_step(group: PolicyGroup, tmp
         assert torch.equal(exported_sd[name], tensor), name
 
 
+def _draws(worker: PolicyWorker, rank_offset: bool = False) -> list[float]:
+    """Draws from the rank's torch, numpy and python generators (`rank_offset`: rank r first draws r more,
+    so that the ranks' states differ)."""
+    import random
+
+    import numpy as np
+
+    for _ in range(worker.rank if rank_offset else 0):
+        torch.rand(1), np.random.rand(), random.random()
+    return [torch.rand(1).item(), float(np.random.rand()), random.random()]
+
+
 def test_resume_reproduces_the_next_step(group: PolicyGroup, model_path: Path, tmp_path: Path) -> None:
     batch = _batch(group)
     group.train_step(batch)
+    group.execute(_draws, True)  # each rank's generators moved on from their seed, each its own way
     group.save_checkpoint(str(tmp_path / "ckpt"))
     step = group.run_all("execute", lambda w: w.step)[0]
+    want_draws = group.execute(_draws)
     # Two steps: the first one's metrics see only the weights; the second's also see the AdamW moments and
     # the LR schedule through the update the first made.
     want = [group.train_step(batch) for _ in range(2)]
@@ -186,10 +249,12 @@ def test_resume_reproduces_the_next_step(group: PolicyGroup, model_path: Path, t
     resumed = _make_group(model_path)
     try:
         assert resumed.load_checkpoint(str(tmp_path / "ckpt")) == step
+        got_draws = resumed.execute(_draws)
         got = [resumed.train_step(batch) for _ in range(2)]
     finally:
         resumed.shutdown()
     assert got == want  # every metric, bit for bit
+    assert got_draws == want_draws and want_draws[0] != want_draws[1]  # each rank's own RNG states, restored
 
 
 def _fail_on_rank_1(worker: PolicyWorker) -> int:

@@ -7,10 +7,12 @@ Shape legend: B = sequences, T = tokens per sequence.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
 import torch
+from transformers import AutoModelForCausalLM
 
 from colocate.models.tiny import build_tiny_model
 from colocate.policy.group import PolicyGroup
@@ -21,8 +23,12 @@ B, T, PROMPT, KL_COEF = 4, 12, 6, 0.5
 
 
 @pytest.fixture(scope="module")
-def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyGroup]:
-    model_path = build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def group(model_path: Path) -> Iterator[PolicyGroup]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     g = PolicyGroup(num_workers=2, num_cpus_per_worker=0.5, env_vars={"OMP_NUM_THREADS": "1"}, call_timeout_s=120,
                     model_path=str(model_path), device="cpu", param_dtype="float32", lr=1e-3, micro_batch_size=2,
@@ -32,7 +38,7 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyGroup]:
     ray.shutdown()
 
 
-def test_reference_is_frozen_and_kl_enters_the_loss(group: PolicyGroup) -> None:
+def test_reference_is_frozen_and_kl_enters_the_loss(group: PolicyGroup, model_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     ids_BT = torch.randint(3, 512, (B, T), generator=gen)
     attn_BT = torch.ones(B, T, dtype=torch.long)
@@ -53,5 +59,8 @@ def test_reference_is_frozen_and_kl_enters_the_loss(group: PolicyGroup) -> None:
     second = step()
     assert second["kl"] > 1e-6
     assert second["loss"] == pytest.approx(second["pg_loss"] + KL_COEF * second["kl"], rel=1e-4)
+    # Its memory: this rank's shards of the frozen weights, fp32 like the policy's: half the model per rank.
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters())
+    assert second["reference_gb"] == pytest.approx(n_params * 4 / 2 / 1e9, rel=0.02)
     assert not torch.equal(group.logprobs(ids_BT, attn_BT), initial_BT)  # the policy moved ...
     assert torch.equal(group.reference_logprobs(ids_BT, attn_BT), ref_BT)  # ... the reference did not

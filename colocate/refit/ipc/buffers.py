@@ -154,6 +154,9 @@ class BufferCache:
                 self._open[handle.id] = buf
         return buf
 
+    def opened(self, buffer_id: str) -> OpenedBuffer | None:
+        return self._open.get(buffer_id)
+
     def drop(self, ids: list[str] | None = None) -> None:
         for i in list(self._open) if ids is None else ids:
             buf = self._open.pop(i, None)

@@ -13,6 +13,10 @@ Protocol state machine (receiver side). S = sender, R = receiver; every frame is
                                               [verify checksums], load_fn(views), synchronise the device,
                                               close it if temporary; then Ack: only now may S refill that
                                               buffer, so load_fn must copy what it is given, never keep it
+    RECEIVING ──Direct(share,  ▶ RECEIVING     (one-copy) no bucket arrived yet, one source per entry; open
+                 sources)                     the shared storages (cached by id), view each entry in place
+                                              (a wider float is cast by the engine as it copies), load_fn
+                                              (all), synchronise; Ack: S may write those storages again
     RECEIVING ──Done(n)───────▶ IDLE          every manifest entry arrived exactly once, else Error;
                                               finish_fn; Ack; `receive()` returns
     any ──Abort(error)────────▶ IDLE          S failed: raise the same named error here
@@ -32,6 +36,7 @@ S never has more than two Loads unacked (the ping-pong buffers), so R never wait
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 import traceback
@@ -53,8 +58,9 @@ from colocate.refit.errors import (
 from colocate.refit.ipc import wire
 from colocate.refit.ipc.buffers import BufferCache
 from colocate.refit.ipc.jobdir import ensure_private_dir, random_name
-from colocate.refit.plan import CheckFn, Manifest, bucket_views, manifest_meta
+from colocate.refit.plan import CheckFn, Manifest, bucket_views, dtype_from_name, manifest_meta
 from colocate.refit.schedule import ABORT_POLL_S, AbortFn, LoadFn, ReceiveStats
+from colocate.refit.sources import castable
 
 
 class RefitReceiver:
@@ -82,6 +88,10 @@ class RefitReceiver:
         self._abort_fn: AbortFn | None = None
         self.rejected = 0
         self.cache = BufferCache(job_dir)
+        # One-copy refit: the typed views of the last Direct's sources, reused while they are the same.
+        self._direct: tuple[tuple[str, list[wire.Source]], list[torch.Tensor]] | None = None
+        # A load_fn taking `dtype=` casts a wider source as it copies (one copy); else it is cast here first.
+        self._load_casts = "dtype" in inspect.signature(load_fn).parameters
         self._manifests: dict[str, Manifest] = {}
         self._last_refit_id: dict[bytes, int] = {}  # per sender connection
         self._peer: bytes | None = None
@@ -146,7 +156,7 @@ class RefitReceiver:
                     self._manifests[msg.manifest.digest()] = msg.manifest
                     self._send(wire.Ack(msg.refit_id, msg.seq))
                 elif isinstance(msg, wire.Release):
-                    self.cache.drop(msg.buffer_ids)
+                    self._drop(msg.buffer_ids)
                 elif isinstance(msg, wire.Begin):
                     manifest = self._manifests.get(msg.digest)
                     if manifest is None:
@@ -169,6 +179,13 @@ class RefitReceiver:
                     nbytes += manifest.buckets[msg.bucket].nbytes
                     buckets += 1
                     self._send(wire.Ack(msg.refit_id, msg.seq, sums))
+                elif isinstance(msg, wire.Direct):
+                    t = time.perf_counter()
+                    self._load_direct(manifest, seen, msg, digest)
+                    load_s += time.perf_counter() - t
+                    nbytes += manifest.total_bytes
+                    buckets += len(manifest.buckets)
+                    self._send(wire.Ack(msg.refit_id, msg.seq))
                 elif isinstance(msg, wire.Done):
                     missing = [manifest.entries[i].name for i, s in enumerate(seen) if not s]
                     if missing:
@@ -196,7 +213,50 @@ class RefitReceiver:
     def _fail(self, refit_id: int) -> None:
         if self._peer is not None:
             self._last_refit_id[self._peer] = max(self._last_refit_id.get(self._peer, 0), refit_id)
-        self.cache.drop()
+        self._drop()
+
+    def drop_buffers(self) -> None:
+        """Close every buffer and storage of the sender's that this receiver keeps open."""
+        self._drop()
+
+    def _drop(self, ids: list[str] | None = None) -> None:
+        self._direct = None
+        self.cache.drop(ids)
+
+    def _load_direct(self, manifest: Manifest, seen: bytearray, msg: wire.Direct, digest: str) -> None:
+        if any(seen) or len(msg.sources) != len(manifest.entries):
+            raise RefitFrameError(f"direct refit: {len(msg.sources)} sources for {len(manifest.entries)} entries"
+                                  " (or after a bucket)")
+        for h in msg.share:
+            if h.cuda is None or h.temporary:
+                raise RefitFrameError(f"direct refit: {h.id} is not a shared CUDA storage")
+            self.cache.get(h)
+        key = (digest, msg.sources)
+        if self._direct is None or self._direct[0] != key:
+            views = []
+            for e, src in zip(manifest.entries, msg.sources, strict=True):
+                buf = self.cache.opened(src.buffer)
+                dtype, want = dtype_from_name(src.dtype), dtype_from_name(e.dtype)
+                span = e.nbytes // want.itemsize * dtype.itemsize
+                if buf is None or src.byte_offset < 0 or src.byte_offset + span > buf.handle.nbytes:
+                    raise RefitFrameError(f"direct refit: {e.name} lies outside storage {src.buffer}")
+                if not castable(dtype, want):
+                    raise RefitFrameError(f"direct refit: {e.name} is {src.dtype}, expected {e.dtype}")
+                views.append(buf.tensor[src.byte_offset:src.byte_offset + span].view(dtype).view(e.shape))
+            self._direct = (key, views)
+        views = self._direct[1]
+        named = [(e.name, v) for e, v in zip(manifest.entries, views, strict=True)]
+        wanted = {dtype_from_name(e.dtype) for e in manifest.entries}
+        if all(v.dtype == dtype_from_name(e.dtype) for e, v in zip(manifest.entries, views, strict=True)):
+            self.load_fn(named)
+        elif self._load_casts and len(wanted) == 1:
+            self.load_fn(named, dtype=wanted.pop())  # type: ignore[call-arg]
+        else:
+            self.load_fn([(e.name, v.to(dtype_from_name(e.dtype))) for e, v in
+                          zip(manifest.entries, views, strict=True)])
+        if views and views[0].is_cuda:
+            torch.cuda.synchronize(views[0].device)  # nothing reads the sender's storages after the ack
+        seen[:] = b"\x01" * len(seen)
 
     def _check_expected(self, manifest: Manifest) -> None:
         why = self.check_fn(manifest_meta(manifest)) if self.check_fn is not None else None
@@ -241,7 +301,7 @@ class RefitReceiver:
         return sums
 
     def close(self) -> None:
-        self.cache.drop()
+        self._drop()
         self._sock.close(0)
         if os.path.exists(self._path):
             os.unlink(self._path)

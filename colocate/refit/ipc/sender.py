@@ -8,6 +8,11 @@ for every ack before packing the next bucket (the serial baseline). The protocol
 The buffers live as long as the sender (the receiver keeps them opened across refits, which is what makes a
 refit cheap); oversized tensors go through temporary buffers freed at the end of their bucket. On any error
 every buffer is freed and the receiver told to drop its handles; `close()` frees everything.
+
+One-copy refit (`stream(..., resident=...)`, CUDA): when every weight already sits whole in this device's
+memory, no buffer is packed: the storages holding them are shared once (cached by address: a storage the
+engine has opened cannot be freed and reused while it is open, CUDA IPC keeps it alive), and one `Direct`
+message names where each entry lives; the engine copies straight from there.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from colocate.refit.errors import (
 from colocate.refit.ipc import wire
 from colocate.refit.ipc.buffers import SendBuffer
 from colocate.refit.ipc.jobdir import ensure_private_dir
-from colocate.refit.plan import Entry, Manifest, Meta, bucket_views, next_matching, plan
+from colocate.refit.plan import Entry, Manifest, Meta, bucket_views, dtype_from_name, dtype_name, next_matching, plan
 from colocate.refit.schedule import ABORT_POLL_S, AbortFn, SendStats, TwoSlots, timed
+from colocate.refit.sources import Fill, Source, castable, write
 
 # (seq, temporary buffer, checksums sent): a Load not yet acked
 InFlight = tuple[int, "SendBuffer | None", "list[int] | None"]
@@ -73,6 +79,8 @@ class RefitSender:
         self._prepared: str | None = None
         self._buffers: list[SendBuffer] = []
         self._temporaries: list[SendBuffer] = []  # oversized buckets in flight
+        # One-copy refit: storage address -> the handle it was shared under (see the module docstring).
+        self._shared: dict[int, SendBuffer] = {}
         self._slots: TwoSlots[InFlight] = TwoSlots(self._finish, overlap=overlap)
         # Typed views into the ping-pong buffers per bucket, made once: building ~300 views costs more
         # Python time per refit than the copies themselves on a small model.
@@ -128,15 +136,21 @@ class RefitSender:
     def manifest(self, meta: Meta) -> Manifest:
         return plan(meta, self.buffer_bytes, one_per_bucket=self.per_tensor)
 
-    def stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], meta: Meta, *,
-               abort_fn: AbortFn | None = None) -> SendStats:
+    def stream(self, named_tensors: Iterable[tuple[str, Source]], meta: Meta, *,
+               abort_fn: AbortFn | None = None, resident: list[tuple[str, torch.Tensor]] | None = None
+               ) -> SendStats:
         """Send one refit. `meta` lists (name, dtype name, shape) in the order `named_tensors` yields them;
-        the iterator may produce tensors lazily (gathered one at a time). `abort_fn`: asked while waiting
-        for an ack; True ends the refit with RefitAbortedError (the driver saw the receiver's side fail)."""
+        the iterator may produce tensors lazily (gathered one at a time) or as `Fill`s written straight into
+        the buffers. `resident`: every weight, in `meta` order, already whole on this device: sent by the
+        one-copy path where it applies (then `named_tensors` is not read; see `one_copy`). `abort_fn`: asked
+        while waiting for an ack; True ends the refit with RefitAbortedError (the driver saw the receiver's
+        side fail)."""
         self._abort_fn = abort_fn
         self._refit_id += 1
         t0 = time.perf_counter()
         try:
+            if resident is not None and self.one_copy(resident):
+                return self._stream_direct(resident, self.manifest(meta), t0)
             return self._stream(named_tensors, self.manifest(meta), t0)
         except RefitError as e:
             if not e.echo and not isinstance(e, RefitManifestError):
@@ -179,8 +193,16 @@ class RefitSender:
         with contextlib.suppress(zmq.ZMQError):
             self._sock.send_multipart(wire.encode(self.token, msg), flags=zmq.NOBLOCK)
 
-    def _stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]], manifest: Manifest,
-                t0: float) -> SendStats:
+    def one_copy(self, resident: list[tuple[str, torch.Tensor]]) -> bool:
+        """Whether these tensors can be read in place by the engine: CUDA, on this device, contiguous (and
+        not the naive per-tensor or verify modes, kept for comparison)."""
+        if self.device.type != "cuda" or self.per_tensor or self.verify:
+            return False
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return all(t.is_cuda and t.device.index == index and t.is_contiguous() for _, t in resident)
+
+    def _begin(self, manifest: Manifest) -> bool:
+        """Prepare (when the layout is new) and Begin; returns whether the manifest was sent."""
         rid = self._refit_id
         digest = manifest.digest()
         prepared = digest != self._prepared
@@ -192,6 +214,62 @@ class RefitSender:
             self._wait_ack(seq)
             self._prepared = digest
         self._send(wire.Begin(rid, self._next_seq(), digest, self.verify))
+        return prepared
+
+    def _stream_direct(self, resident: list[tuple[str, torch.Tensor]], manifest: Manifest, t0: float
+                       ) -> SendStats:
+        rid = self._refit_id
+        prepared = self._begin(manifest)
+        t = time.perf_counter()
+        if len(resident) != len(manifest.entries):
+            raise RefitManifestError(f"{len(resident)} resident tensors for a manifest of "
+                                     f"{len(manifest.entries)}", side="sender")
+        share: list[wire.Handle] = []
+        sources: list[wire.Source] = []
+        used: set[int] = set()
+        replaced: list[SendBuffer] = []
+        for e, (name, tensor) in zip(manifest.entries, resident, strict=True):
+            if name != e.name or tuple(tensor.shape) != e.shape or not castable(tensor.dtype,
+                                                                                  dtype_from_name(e.dtype)):
+                raise RefitManifestError(f"resident {name!r} {tuple(tensor.shape)} {tensor.dtype} is not "
+                                         f"manifest entry {e.name!r} {e.shape} {e.dtype}", side="sender")
+            storage = tensor.untyped_storage()
+            base = storage.data_ptr()
+            buf = self._shared.get(base)
+            if buf is None or buf.nbytes != storage.nbytes():
+                if buf is not None:
+                    replaced.append(buf)
+                whole = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, 0, (storage.nbytes(),))
+                buf = self._shared[base] = SendBuffer(storage.nbytes(), device=self.device, job_dir=self.job_dir,
+                                                      share=whole)
+                share.append(buf.handle)
+            used.add(base)
+            sources.append(wire.Source(buf.handle.id, tensor.data_ptr() - base, dtype_name(tensor.dtype)))
+        # Storages no longer holding a weight (the policy reallocated): the engine lets go of them, so CUDA
+        # IPC can free them.
+        stale = replaced + [self._shared.pop(b) for b in list(self._shared) if b not in used]
+        if stale:
+            self._send(wire.Release(rid, self._next_seq(), [b.handle.id for b in stale]))
+            for b in stale:
+                b.close()
+        # The engine reads these storages from its own stream: whatever wrote them must have finished.
+        torch.cuda.synchronize(self.device)
+        pack_s = time.perf_counter() - t
+        seq = self._next_seq()
+        self._send(wire.Direct(rid, seq, share, sources))
+        t = time.perf_counter()
+        self._wait_ack(seq)
+        wait_s = time.perf_counter() - t
+        seq = self._next_seq()
+        self._send(wire.Done(rid, seq, len(manifest.buckets)))
+        self._wait_ack(seq)
+        return SendStats(rid, len(manifest.buckets), manifest.total_bytes, time.perf_counter() - t0,
+                         pack_s, wait_s, 0.0, manifest_sent=prepared, one_copy=True)
+
+    def _stream(self, named_tensors: Iterable[tuple[str, Source]], manifest: Manifest,
+                t0: float) -> SendStats:
+        rid = self._refit_id
+        prepared = self._begin(manifest)
         if not self.per_tensor and not self._buffers:
             self._buffers = [SendBuffer(self.buffer_bytes, device=self.device, job_dir=self.job_dir)
                              for _ in range(2)]
@@ -230,23 +308,24 @@ class RefitSender:
         return SendStats(rid, len(manifest.buckets), manifest.total_bytes, time.perf_counter() - t0,
                          pack_s, slots.wait_seconds, gather[0], manifest_sent=prepared)
 
-    def _buffer_for(self, own: bool, slot: int, group: list[tuple[Entry, torch.Tensor]]
+    def _buffer_for(self, own: bool, slot: int, group: list[tuple[Entry, Source]]
                     ) -> tuple[SendBuffer, SendBuffer | None]:
         if not own:
             return self._buffers[slot], None
         (e, t), = group
         share = None
-        if self.device.type == "cuda" and t.is_cuda and t.is_contiguous():
+        if self.device.type == "cuda" and isinstance(t, torch.Tensor) and t.is_cuda and t.is_contiguous():
             share = t.view(-1).view(torch.uint8) if t.numel() else None
         tmp = SendBuffer(e.nbytes, device=self.device, job_dir=self.job_dir, temporary=True, share=share)
         self._temporaries.append(tmp)
         return tmp, tmp
 
     def _release_all(self, *, tell_receiver: bool) -> None:
-        ids = [b.handle.id for b in self._buffers]
-        for b in self._buffers + self._temporaries:
+        shared = list(self._shared.values())
+        ids = [b.handle.id for b in self._buffers + shared]
+        for b in self._buffers + self._temporaries + shared:
             b.close()
-        self._buffers, self._temporaries = [], []
+        self._buffers, self._temporaries, self._shared = [], [], {}
         self._views.clear()
         self._prepared = None if not tell_receiver else self._prepared
         if tell_receiver and ids:
@@ -261,16 +340,18 @@ class RefitSender:
         self._sock.close(linger=200)  # long enough to hand the Release over, bounded if the peer is gone
 
 
-def _pack(buf: SendBuffer, group: list[tuple[Entry, torch.Tensor]], verify: bool,
+def _pack(buf: SendBuffer, group: list[tuple[Entry, Source]], verify: bool,
           views: list[torch.Tensor] | None) -> list[int] | None:
     # A tensor shared in place (GPU, oversized or per-tensor) is its own buffer: nothing to copy.
-    shared = buf.handle.temporary and buf.tensor.data_ptr() == group[0][1].data_ptr()
+    first = group[0][1]
+    shared = (buf.handle.temporary and not isinstance(first, Fill)
+              and buf.tensor.data_ptr() == first.data_ptr())
     if not shared:
         if views is None:
             views = bucket_views(buf.tensor, [e for e, _ in group])
         for v, (e, t) in zip(views, group, strict=True):
             if e.nbytes:
-                v.copy_(t, non_blocking=True)
+                write(v, t)
     if not verify:
         return None
     return [checksum(buf.tensor[e.offset:e.offset + e.nbytes]) for e, _ in group]

@@ -41,6 +41,26 @@ class Load(msgspec.Struct, tag="load"):
     checksums: list[int] | None = None
 
 
+class Source(msgspec.Struct, frozen=True, array_like=True):
+    """Where one manifest entry lives in the sender's own memory: `byte_offset` into the shared storage
+    `buffer` (a handle id), contiguous, of `dtype` (the entry's, or a float the engine casts from)."""
+
+    buffer: str
+    byte_offset: int
+    dtype: str
+
+
+class Direct(msgspec.Struct, tag="direct"):
+    """One-copy refit: every entry of the manifest is read in place, `sources[i]` for entry i, from storages
+    the sender shares (`share`: opened now, cached by id; earlier ones stay open). Ack once all is loaded:
+    only then may the sender write those storages again."""
+
+    refit_id: int
+    seq: int
+    share: list[Handle]
+    sources: list[Source]
+
+
 class Done(msgspec.Struct, tag="done"):
     refit_id: int
     seq: int
@@ -79,7 +99,7 @@ class Error(msgspec.Struct, tag="error"):
     traceback: str
 
 
-ToReceiver = Prepare | Begin | Load | Done | Abort | Release
+ToReceiver = Prepare | Begin | Load | Direct | Done | Abort | Release
 ToSender = Ack | Error
 
 _enc = msgspec.json.Encoder()

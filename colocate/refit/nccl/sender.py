@@ -32,6 +32,7 @@ from colocate.refit.nccl.group import (
 )
 from colocate.refit.plan import Manifest, Meta, bucket_views, next_matching, plan
 from colocate.refit.schedule import AbortFn, SendStats, TwoSlots, timed
+from colocate.refit.sources import write
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class BroadcastSender:
                             self._views[b.index] = views
                     for v, src in zip(views, group, strict=True):
                         if v.numel():
-                            v.copy_(src, non_blocking=True)
+                            write(v, src)
                     del group
                 except Exception as e:
                     own = e  # keep the lockstep: this and every later bucket go out marked ABORT

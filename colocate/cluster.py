@@ -121,6 +121,22 @@ class Cluster:
         return run_refit(self.policy.workers, self.generation, rendezvous=self.rendezvous, refit=self.refits,
                          timeout_s=self.cfg.refit.timeout_s)
 
+    def open_policy_refit(self, receivers: int) -> None:
+        """Every policy rank's half of the refit channel, after the engines' `receivers` TP ranks opened
+        theirs (over zmq each rank looks its engine's receiver up); `cfg.refit` as it is now."""
+        r, p = self.cfg.refit, self.cfg.placement
+        tp = self.cfg.generation.tensor_parallel_size
+        # zmq: policy rank i sends to the engine TP rank on its device (engine i // tp, TP rank i % tp).
+        streams = [rank < p.generation_workers * tp if self.transport == "zmq" else rank == 0
+                   for rank in range(p.policy_workers)]
+        self.policy.open_refit([
+            dict(transport=self.transport, job=self.job, token=self.token, dtype=self.cfg.generation.dtype,
+                 streams=streams[rank], buffer_size_mb=r.buffer_size_mb, auto_fraction=r.auto_fraction,
+                 timeout_s=r.timeout_s, job_dir=self.job_dir, device_slot=rank,
+                 world_size=1 + receivers,  # broadcast: the sender and every engine TP rank
+                 one_copy=r.one_copy and not self.cfg.policy.offload, shard_slice=r.shard_slice)
+            for rank in range(p.policy_workers)])
+
     def close(self) -> None:
         if self.policy is not None:
             with contextlib.suppress(Exception):  # closing after a failure: the actors may be gone
@@ -208,14 +224,7 @@ def build(cfg: Config, model_path: str, job: str) -> Cluster:
         r = cfg.refit
         receivers = cluster.generation.open_refit(transport, job=job, token=token, timeout_s=r.timeout_s,
                                                   job_dir=job_dir)  # one per engine TP rank
-        # zmq: policy rank i sends to the engine TP rank on its device (engine i // tp, TP rank i % tp).
-        streams = [rank < n_gen * tp if transport == "zmq" else rank == 0 for rank in range(n_pol)]
-        cluster.policy.open_refit([
-            dict(transport=transport, job=job, token=token, dtype=g.dtype, streams=streams[rank],
-                 buffer_size_mb=r.buffer_size_mb, auto_fraction=r.auto_fraction, timeout_s=r.timeout_s,
-                 job_dir=job_dir, device_slot=rank, world_size=1 + len(receivers),  # broadcast: the sender + them
-                 one_copy=r.one_copy and not cfg.policy.offload)
-            for rank in range(n_pol)])
+        cluster.open_policy_refit(receivers=len(receivers))
     except BaseException:
         cluster.close()
         raise

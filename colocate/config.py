@@ -102,6 +102,9 @@ class RefitConfig:
     one_copy: bool = True
     """Where the policy's weights already sit whole on an engine's device (one FSDP2 rank on a GPU, with
     policy.offload=false), the engine reads them in place: one copy, no buffers."""
+    shard_slice: bool = True
+    """Colocated with tensor-parallel engines: each policy rank sends its engine worker only the slice of each
+    weight that worker keeps (its TP shard, as the engine's own loader says), 1/tp of those bytes."""
 
 
 @dataclass

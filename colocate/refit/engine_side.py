@@ -32,6 +32,7 @@ from colocate.refit.nccl.group import CONNECT_TIMEOUT_S
 from colocate.refit.nccl.receiver import BroadcastReceiver
 from colocate.refit.plan import CheckFn, Meta, expect
 from colocate.refit.schedule import AbortFn
+from colocate.refit.slices import slice_data
 from colocate.rendezvous import abort_check, get_rendezvous, lookup_master
 
 
@@ -68,7 +69,11 @@ class RefitExtension:
                      begin_fn=lambda: vllm_engine.begin_weight_update(self),
                      finish_fn=lambda: vllm_engine.finish_weight_update(self))
         if transport == "zmq":
-            receiver = RefitReceiver(job_dir=job_dir, token=token, timeout_s=timeout_s, **hooks)
+            # A TP worker says which slice of each tensor its loader keeps (`engine/shards.py`); the sender
+            # on its device then packs only that (`refit.shard_slice`).
+            receiver = RefitReceiver(job_dir=job_dir, token=token, timeout_s=timeout_s,
+                                     slice_fn=None if expected is not None else
+                                     (lambda meta: vllm_engine.shard_slices(self, meta)), **hooks)
             self._colocate_receiver = receiver
             self._colocate_open = dict(transport=transport, job=job)
             return {"address": receiver.address, "device_key": self.colocate_device_key()}
@@ -98,8 +103,11 @@ class RefitExtension:
 
     def _colocate_load(self, weights: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
         """`dtype`: cast every tensor to it on the way in (a one-copy refit from fp32 master weights)."""
-        if self._colocate_record:
-            self._colocate_seen.update((n, fingerprint(t if dtype is None else t.to(dtype))) for n, t in weights)
+        if self._colocate_record:  # a shard-sliced tensor: its slice, which is what arrived
+            for n, t in weights:
+                data, piece = slice_data(t if dtype is None else t.to(dtype))
+                self._colocate_seen[n] = fingerprint(data) + ("" if piece is None else
+                                                              f"@{piece.dim}:{piece.start}:{piece.length}")
         vllm_engine.load_weights_into_worker(self, weights, dtype=dtype)
 
     def colocate_refit_set_master(self, master: tuple[str, int]) -> None:

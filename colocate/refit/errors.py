@@ -50,6 +50,11 @@ class RefitManifestError(RefitError, ValueError):
     wrong shape or dtype, a parameter left unfilled), raised on both sides before any bucket moves."""
 
 
+class RefitSliceError(RefitManifestError):
+    """A shard-sliced refit does not fit the engine: a slice the engine did not ask for, or its loader using a
+    sliced tensor other than by narrowing it to that slice (`refit/slices.py`)."""
+
+
 class RefitFrameError(RefitError):
     """A bucket or message arrived out of order, for the wrong refit, or with a wrong checksum."""
 
@@ -61,7 +66,7 @@ class RefitRemoteError(RefitError):
 
 _BY_NAME: dict[str, type[RefitError]] = {c.__name__: c for c in (
     RefitError, RefitTimeoutError, RefitPeerDiedError, RefitAbortedError, RefitAuthError, RefitManifestError,
-    RefitFrameError)}
+    RefitSliceError, RefitFrameError)}
 
 
 def remote_error(kind: str, message: str, *, side: str, traceback: str) -> RefitError:

@@ -6,6 +6,8 @@ and every other module (ZMQ/IPC, shared memory, broadcast) only moves the bytes 
 Layout rules:
 - Tensors are packed in iteration order into buckets of at most `buffer_bytes`; each tensor starts at an
   offset aligned to `ALIGN` bytes so that the receiver's views are aligned for any dtype and vectorised copy.
+- A tensor the engine keeps only a slice of (a tensor-parallel engine worker, `slices.py`) takes only that
+  slice's bytes: its entry keeps the whole tensor's shape and says which `sliced` part travels.
 - A tensor larger than one buffer gets a bucket of its own, flagged `oversized`: the sender stages it in a
   temporary buffer sized to it (a 1.7 GiB embedding does not fit a 1.6 GiB buffer, and splitting it would
   hand the engine a partial tensor).
@@ -20,6 +22,7 @@ import msgspec
 import torch
 
 from colocate.refit.errors import RefitManifestError
+from colocate.refit.slices import Slice
 
 ALIGN = 256
 
@@ -59,7 +62,8 @@ def align_up(n: int, align: int = ALIGN) -> int:
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True):
-    """One tensor: where it lives in which bucket."""
+    """One tensor: where it lives in which bucket. `shape` is the whole tensor's; where only a slice of it
+    travels, `sliced` says which and `nbytes` counts that slice."""
 
     name: str
     dtype: str
@@ -67,6 +71,12 @@ class Entry(msgspec.Struct, frozen=True, array_like=True):
     bucket: int
     offset: int
     nbytes: int
+    sliced: Slice | None = None
+
+    @property
+    def wire_shape(self) -> tuple[int, ...]:
+        """The shape of what travels: the slice's, or the whole tensor's."""
+        return self.shape if self.sliced is None else self.sliced.shape(self.shape)
 
 
 class Bucket(msgspec.Struct, frozen=True, array_like=True):
@@ -118,12 +128,15 @@ def tensor_meta(named: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, st
 
 
 def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int, *,
-         one_per_bucket: bool = False) -> Manifest:
+         one_per_bucket: bool = False, slices: Sequence[Slice | None] | None = None) -> Manifest:
     """Pack tensors, given as (name, dtype name, shape), into buckets of at most `buffer_bytes` each.
 
-    `one_per_bucket` gives every tensor a bucket of its own (the naive per-tensor path, for comparison)."""
+    `one_per_bucket` gives every tensor a bucket of its own (the naive per-tensor path, for comparison).
+    `slices`: per tensor, the part of it that travels (None: the whole tensor)."""
     if buffer_bytes < ALIGN:
         raise ValueError(f"buffer_bytes must be at least {ALIGN}, got {buffer_bytes}")
+    if slices is not None and len(slices) != len(meta):
+        raise RefitManifestError(f"{len(slices)} slices for {len(meta)} tensors")
     seen: set[str] = set()
     entries: list[Entry] = []
     buckets: list[Bucket] = []
@@ -135,17 +148,20 @@ def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int, *,
             buckets.append(Bucket(len(buckets), first, last, used, oversized))
         first, used = last, 0
 
-    for name, dtype, shape in meta:
+    for k, (name, dtype, shape) in enumerate(meta):
         if name in seen:
             raise RefitManifestError(f"duplicate tensor name {name!r}")
         seen.add(name)
+        sliced = slices[k] if slices is not None else None
+        if sliced is not None and not sliced.check(tuple(shape)):
+            raise RefitManifestError(f"{name}: {sliced} is not a slice of a tensor of shape {tuple(shape)}")
         numel = 1
-        for d in shape:
+        for d in (shape if sliced is None else sliced.shape(tuple(shape))):
             numel *= d
         nbytes = numel * dtype_from_name(dtype).itemsize
         if nbytes > buffer_bytes or one_per_bucket:
             close(len(entries))
-            entries.append(Entry(name, dtype, tuple(shape), len(buckets), 0, nbytes))
+            entries.append(Entry(name, dtype, tuple(shape), len(buckets), 0, nbytes, sliced))
             used = nbytes
             close(len(entries), oversized=True)
             continue
@@ -153,7 +169,7 @@ def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int, *,
         if offset + nbytes > buffer_bytes:
             close(len(entries))
             offset = 0
-        entries.append(Entry(name, dtype, tuple(shape), len(buckets), offset, nbytes))
+        entries.append(Entry(name, dtype, tuple(shape), len(buckets), offset, nbytes, sliced))
         used = offset + nbytes
     close(len(entries))
     return Manifest(tuple(entries), tuple(buckets), buffer_bytes)
@@ -161,8 +177,9 @@ def plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], buffer_bytes: int, *,
 
 def bucket_views(buf_u8: torch.Tensor, entries: Sequence[Entry]) -> list[torch.Tensor]:
     """Typed views of each entry's bytes in a bucket's buffer (flat uint8): how both transports' senders
-    pack and receivers read a bucket."""
-    return [buf_u8[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.shape) for e in entries]
+    pack and receivers read a bucket (of a sliced entry: its slice)."""
+    return [buf_u8[e.offset:e.offset + e.nbytes].view(dtype_from_name(e.dtype)).view(e.wire_shape)
+            for e in entries]
 
 
 def check_tensor(entry: Entry, tensor: torch.Tensor) -> None:

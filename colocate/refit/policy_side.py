@@ -39,11 +39,12 @@ class PolicyRefit:
     def __init__(self, *, weights: Weights, manifest: ManifestRows, device: torch.device, transport: str, job: str,
                  token: str, dtype: str, streams: bool, buffer_size_mb: float | None, auto_fraction: float,
                  timeout_s: float, job_dir: str = "", device_slot: int = 0, world_size: int = 0,
-                 resident: Resident | None = None, one_copy: bool = True) -> None:
+                 resident: Resident | None = None, one_copy: bool = True, shard_slice: bool = True) -> None:
         """`streams`: this rank sends (zmq: an engine shares its device, `device_slot` naming it on CPU;
         broadcast: rank 0 of a group of `world_size` ranks, itself and every engine worker). `one_copy`: let
         the engine read `resident(dtype)` in place where it applies (only while the policy keeps its
-        parameters on the device: the engine holds their memory open)."""
+        parameters on the device: the engine holds their memory open). `shard_slice`: over zmq, send only
+        the slice of each weight the engine worker on this device keeps (its TP shard)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"refit transport must be one of {TRANSPORTS}, got {transport!r}")
         self._weights, self._manifest = weights, manifest
@@ -59,7 +60,7 @@ class PolicyRefit:
             key = local_device_key(device, device_slot)
             address = ray.get(self._rendezvous.lookup.remote(key, timeout_s))
             self.sender = RefitSender(address=address, token=token, job_dir=job_dir, device=device.type,
-                                      buffer_bytes=size, timeout_s=timeout_s)
+                                      buffer_bytes=size, timeout_s=timeout_s, shard_slice=shard_slice)
         else:
             self.sender = BroadcastSender(host=store_host(), world_size=world_size, device=device.type,
                                           buffer_bytes=size, token=token, timeout_s=timeout_s)

@@ -37,6 +37,8 @@ class SendStats:
     """Whether this refit carried the manifest (the first one of a layout)."""
     one_copy: bool = False
     """Whether the engine read the weights in place (no buffers packed; `pack_seconds` is the set-up)."""
+    sliced: int = 0
+    """Tensors of which only the receiving engine worker's shard was sent (`bytes` counts what was sent)."""
 
 
 @dataclass

@@ -18,18 +18,28 @@ from collections.abc import Callable
 
 import torch
 
+from colocate.refit.slices import Slice
+
 
 class Fill:
-    """A weight of `shape` and `dtype` that `fn(out)` writes into `out` (see the module docstring)."""
+    """A weight of `shape` and `dtype` that `fn(out)` writes into `out` (see the module docstring);
+    `slice_fn(out, piece)`, where given, writes only `piece` of it (a shard-sliced refit) without the whole."""
 
-    __slots__ = ("_fn", "device", "dtype", "shape")
+    __slots__ = ("_fn", "_slice_fn", "device", "dtype", "shape")
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 fn: Callable[[torch.Tensor], None]) -> None:
-        self.shape, self.dtype, self.device, self._fn = torch.Size(shape), dtype, device, fn
+                 fn: Callable[[torch.Tensor], None],
+                 slice_fn: Callable[[torch.Tensor, Slice], None] | None = None) -> None:
+        self.shape, self.dtype, self.device, self._fn, self._slice_fn = torch.Size(shape), dtype, device, fn, slice_fn
 
     def __call__(self, out: torch.Tensor) -> None:
         self._fn(out)
+
+    def write_slice(self, out: torch.Tensor, piece: Slice) -> None:
+        if self._slice_fn is not None:
+            self._slice_fn(out, piece)
+        else:  # the whole weight in a scratch tensor, then its slice (the collective in `fn` runs either way)
+            out.copy_(piece.of(self.materialize()))
 
     def materialize(self) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
@@ -40,12 +50,12 @@ class Fill:
 Source = torch.Tensor | Fill
 
 
-def write(out: torch.Tensor, source: Source) -> None:
-    """Put `source` into `out` (a buffer's typed view): fill it, or copy it."""
+def write(out: torch.Tensor, source: Source, piece: Slice | None = None) -> None:
+    """Put `source`, or only its `piece`, into `out` (a buffer's typed view): fill it, or copy it."""
     if isinstance(source, Fill):
-        source(out)
+        source(out) if piece is None else source.write_slice(out, piece)
     else:
-        out.copy_(source, non_blocking=True)
+        out.copy_(source if piece is None else piece.of(source), non_blocking=True)
 
 
 def tensor_of(source: Source) -> torch.Tensor:

@@ -2,15 +2,18 @@
 
 Protocol state machine (receiver side). S = sender, R = receiver; every frame is [token, header] (wire.py).
 
+    IDLE ──Offer(meta)────────▶ IDLE          (shard-sliced) Ack carrying the slice of each tensor the
+                                              engine worker keeps (`slice_fn`; None: all whole)
     IDLE ──Prepare(manifest)──▶ IDLE          check it (`check_fn`: does the engine accept every tensor and
-                                              is every parameter filled?), else Error;
-                                              store it by digest; Ack
+                                              is every parameter filled? are its slices exactly what
+                                              `slice_fn` asks for?), else Error; store it by digest; Ack
     IDLE ──Release(ids)───────▶ IDLE          close the cached buffers S freed (no reply: S may be gone)
     IDLE ──Begin(digest)──────▶ RECEIVING     unknown digest -> Error; call begin_fn; Ack
     RECEIVING ──Load(bucket)──▶ RECEIVING     check the bucket (entries not yet seen, buffer big enough),
                                               open the buffer (cached by id), take its views for this bucket
                                               (built from the manifest once, cached with the buffer),
                                               [verify checksums], load_fn(views), synchronise the device,
+                                              (a sliced entry: a SlicedTensor standing for the whole one),
                                               close it if temporary; then Ack: only now may S refill that
                                               buffer, so load_fn must copy what it is given, never keep it
     RECEIVING ──Direct(share,  ▶ RECEIVING     (one-copy) no bucket arrived yet, one source per entry; open
@@ -51,6 +54,7 @@ from colocate.refit.errors import (
     RefitError,
     RefitFrameError,
     RefitManifestError,
+    RefitSliceError,
     RefitTimeoutError,
     as_side,
     remote_error,
@@ -58,9 +62,13 @@ from colocate.refit.errors import (
 from colocate.refit.ipc import wire
 from colocate.refit.ipc.buffers import BufferCache
 from colocate.refit.ipc.jobdir import ensure_private_dir, random_name
-from colocate.refit.plan import CheckFn, Manifest, bucket_views, dtype_from_name, manifest_meta
+from colocate.refit.plan import CheckFn, Manifest, Meta, bucket_views, dtype_from_name, manifest_meta
 from colocate.refit.schedule import ABORT_POLL_S, AbortFn, LoadFn, ReceiveStats
+from colocate.refit.slices import Slice, as_loaded
 from colocate.refit.sources import castable
+
+# The part of each tensor (name, dtype name, shape) an engine keeps (None: whole), or None: every one whole.
+SliceFn = Callable[[Meta], "list[Slice | None] | None"]
 
 
 class RefitReceiver:
@@ -74,9 +82,11 @@ class RefitReceiver:
         begin_fn: Callable[[], None] | None = None,
         finish_fn: Callable[[], None] | None = None,
         check_fn: CheckFn | None = None,
+        slice_fn: SliceFn | None = None,
     ) -> None:
         """`check_fn(meta)`: why the engine cannot take a manifest's tensors (None: it can); it runs once per
-        manifest, before any bucket moves (`plan.expect` checks against an exact list)."""
+        manifest, before any bucket moves (`plan.expect` checks against an exact list). `slice_fn(meta)`: the
+        part of each tensor the engine keeps (None: every one whole; no `slice_fn`: nothing is sliced)."""
         ensure_private_dir(job_dir)
         self.job_dir = job_dir
         self.token = token.encode()
@@ -85,6 +95,7 @@ class RefitReceiver:
         self.finish_fn = finish_fn
         self.timeout_s = timeout_s
         self.check_fn = check_fn
+        self.slice_fn = slice_fn
         self._abort_fn: AbortFn | None = None
         self.rejected = 0
         self.cache = BufferCache(job_dir)
@@ -151,7 +162,9 @@ class RefitReceiver:
                 if msg.refit_id <= self._last_refit_id.get(self._peer, 0) and not isinstance(msg, wire.Release):
                     continue  # stale: belongs to a refit that already ended
                 seq, msg_refit_id = msg.seq, msg.refit_id
-                if isinstance(msg, wire.Prepare):
+                if isinstance(msg, wire.Offer):
+                    self._send(wire.Ack(msg.refit_id, msg.seq, slices=self._slices_for(msg.meta)))
+                elif isinstance(msg, wire.Prepare):
                     self._check_expected(msg.manifest)
                     self._manifests[msg.manifest.digest()] = msg.manifest
                     self._send(wire.Ack(msg.refit_id, msg.seq))
@@ -258,10 +271,21 @@ class RefitReceiver:
             torch.cuda.synchronize(views[0].device)  # nothing reads the sender's storages after the ack
         seen[:] = b"\x01" * len(seen)
 
+    def _slices_for(self, meta: Meta) -> list[Slice | None] | None:
+        slices = self.slice_fn([(n, d, tuple(s)) for n, d, s in meta]) if self.slice_fn is not None else None
+        return slices if slices is not None and any(slices) else None
+
     def _check_expected(self, manifest: Manifest) -> None:
-        why = self.check_fn(manifest_meta(manifest)) if self.check_fn is not None else None
+        meta = manifest_meta(manifest)
+        why = self.check_fn(meta) if self.check_fn is not None else None
         if why is not None:
             raise RefitManifestError(why)
+        got = [e.sliced for e in manifest.entries]
+        if any(got):
+            want = self._slices_for(meta) or [None] * len(got)
+            wrong = [f"{e.name}: {g} != {w}" for e, g, w in zip(manifest.entries, got, want, strict=True) if g != w]
+            if wrong:
+                raise RefitSliceError(f"manifest slices are not what the engine keeps: {wrong[:5]}")
 
     def _load(self, manifest: Manifest, seen: bytearray, msg: wire.Load, digest: str) -> list[int] | None:
         if not 0 <= msg.bucket < len(manifest.buckets):
@@ -288,7 +312,8 @@ class RefitReceiver:
                     raise RefitFrameError(f"bucket {msg.bucket}: checksum mismatch in {bad[:5]}")
             else:
                 sums = None
-            self.load_fn([(e.name, v) for e, v in zip(entries, typed, strict=True)])
+            self.load_fn([(e.name, as_loaded(e.name, e.shape, e.sliced, v))
+                          for e, v in zip(entries, typed, strict=True)])
             # Nothing may read the buffer after the ack (the sender refills it next): wait for the device.
             # The typed views stay cached with the buffer; the engine must copy, never keep, what it is given.
             if buf.tensor.is_cuda:

@@ -9,6 +9,11 @@ The buffers live as long as the sender (the receiver keeps them opened across re
 refit cheap); oversized tensors go through temporary buffers freed at the end of their bucket. On any error
 every buffer is freed and the receiver told to drop its handles; `close()` frees everything.
 
+Shard-sliced refit (`shard_slice=True`): before planning a new layout the sender offers the tensors' (name,
+dtype, shape) and the receiver answers with the slice of each that its engine worker keeps (a TP worker's
+shard; none for an engine of one worker); the manifest is planned with those slices and only they are
+packed. The answer is kept until the tensors offered change.
+
 One-copy refit (`stream(..., resident=...)`, CUDA): when every weight already sits whole in this device's
 memory, no buffer is packed: the storages holding them are shared once (cached by address: a storage the
 engine has opened cannot be freed and reused while it is open, CUDA IPC keeps it alive), and one `Direct`
@@ -40,6 +45,7 @@ from colocate.refit.ipc.buffers import SendBuffer
 from colocate.refit.ipc.jobdir import ensure_private_dir
 from colocate.refit.plan import Entry, Manifest, Meta, bucket_views, dtype_from_name, dtype_name, next_matching, plan
 from colocate.refit.schedule import ABORT_POLL_S, AbortFn, SendStats, TwoSlots, timed
+from colocate.refit.slices import Slice
 from colocate.refit.sources import Fill, Source, castable, write
 
 # (seq, temporary buffer, checksums sent): a Load not yet acked
@@ -59,9 +65,11 @@ class RefitSender:
         overlap: bool = True,
         verify: bool = False,
         per_tensor: bool = False,
+        shard_slice: bool = True,
     ) -> None:
         """`per_tensor` is the naive path kept for comparison: one fresh buffer (GPU: the tensor itself,
-        shared in place) and one handle to open per tensor."""
+        shared in place) and one handle to open per tensor. `shard_slice`: send only the part of each tensor
+        the receiving engine worker keeps, as it says (see the module docstring)."""
         self.token = token.encode()
         # The driver made the job's directory on its own node; on another node of the job the first of its
         # receivers or senders to come makes it there (private, like the driver's).
@@ -73,6 +81,8 @@ class RefitSender:
         self.overlap = overlap
         self.verify = verify
         self.per_tensor = per_tensor
+        self.shard_slice = shard_slice
+        self._offered: tuple[list, list[Slice | None] | None] | None = None  # (meta, the receiver's answer)
         self._abort_fn: AbortFn | None = None
         self._refit_id = 0
         self._seq = 0
@@ -133,8 +143,24 @@ class RefitSender:
                 raise RefitFrameError(f"sender: ack {msg.seq} arrived before ack {seq}", side="sender")
 
     # -- streaming ---------------------------------------------------------------------------------------
-    def manifest(self, meta: Meta) -> Manifest:
-        return plan(meta, self.buffer_bytes, one_per_bucket=self.per_tensor)
+    def manifest(self, meta: Meta, slices: list[Slice | None] | None = None) -> Manifest:
+        return plan(meta, self.buffer_bytes, one_per_bucket=self.per_tensor, slices=slices)
+
+    def _slices(self, meta: Meta) -> list[Slice | None] | None:
+        """What the receiver's engine worker keeps of each tensor (None: all of every one), asked once per
+        offer."""
+        if not self.shard_slice:
+            return None
+        meta = [(n, d, tuple(s)) for n, d, s in meta]
+        if self._offered is None or self._offered[0] != meta:
+            seq = self._next_seq()
+            self._send(wire.Offer(self._refit_id, seq, meta))
+            slices = self._wait_ack(seq).slices
+            if slices is not None and len(slices) != len(meta):
+                raise RefitFrameError(f"sender: {len(slices)} slices for an offer of {len(meta)} tensors",
+                                      side="sender")
+            self._offered = (meta, slices if slices is not None and any(slices) else None)
+        return self._offered[1]
 
     def stream(self, named_tensors: Iterable[tuple[str, Source]], meta: Meta, *,
                abort_fn: AbortFn | None = None, resident: list[tuple[str, torch.Tensor]] | None = None
@@ -150,8 +176,9 @@ class RefitSender:
         t0 = time.perf_counter()
         try:
             if resident is not None and self.one_copy(resident):
+                # In place, the engine reads only the slice it keeps anyway: nothing to slice here.
                 return self._stream_direct(resident, self.manifest(meta), t0)
-            return self._stream(named_tensors, self.manifest(meta), t0)
+            return self._stream(named_tensors, self.manifest(meta, self._slices(meta)), t0)
         except RefitError as e:
             if not e.echo and not isinstance(e, RefitManifestError):
                 self._abort(e)  # our own protocol failure: tell the receiver, which may still be waiting
@@ -306,7 +333,8 @@ class RefitSender:
         self._send(wire.Done(rid, seq, len(manifest.buckets)))
         self._wait_ack(seq)
         return SendStats(rid, len(manifest.buckets), manifest.total_bytes, time.perf_counter() - t0,
-                         pack_s, slots.wait_seconds, gather[0], manifest_sent=prepared)
+                         pack_s, slots.wait_seconds, gather[0], manifest_sent=prepared,
+                         sliced=sum(e.sliced is not None for e in entries))
 
     def _buffer_for(self, own: bool, slot: int, group: list[tuple[Entry, Source]]
                     ) -> tuple[SendBuffer, SendBuffer | None]:
@@ -351,7 +379,7 @@ def _pack(buf: SendBuffer, group: list[tuple[Entry, Source]], verify: bool,
             views = bucket_views(buf.tensor, [e for e, _ in group])
         for v, (e, t) in zip(views, group, strict=True):
             if e.nbytes:
-                write(v, t)
+                write(v, t, e.sliced)
     if not verify:
         return None
     return [checksum(buf.tensor[e.offset:e.offset + e.nbytes]) for e, _ in group]

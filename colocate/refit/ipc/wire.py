@@ -14,6 +14,16 @@ import msgspec
 
 from colocate.refit.ipc.buffers import Handle
 from colocate.refit.plan import Manifest
+from colocate.refit.slices import Slice
+
+
+class Offer(msgspec.Struct, tag="offer"):
+    """Sender -> receiver, before planning a layout (shard-sliced refit): the (name, dtype name, shape) of every
+    tensor, in order. The receiver acks with the slice of each its engine's loader keeps (`Ack.slices`)."""
+
+    refit_id: int
+    seq: int
+    meta: list[tuple[str, str, tuple[int, ...]]]
 
 
 class Prepare(msgspec.Struct, tag="prepare"):
@@ -89,6 +99,7 @@ class Ack(msgspec.Struct, tag="ack"):
     refit_id: int
     seq: int
     checksums: list[int] | None = None
+    slices: list[Slice | None] | None = None  # the answer to an Offer (None: every tensor whole)
 
 
 class Error(msgspec.Struct, tag="error"):
@@ -99,7 +110,7 @@ class Error(msgspec.Struct, tag="error"):
     traceback: str
 
 
-ToReceiver = Prepare | Begin | Load | Direct | Done | Abort | Release
+ToReceiver = Offer | Prepare | Begin | Load | Direct | Done | Abort | Release
 ToSender = Ack | Error
 
 _enc = msgspec.json.Encoder()

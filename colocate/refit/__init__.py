@@ -4,6 +4,7 @@
     schedule.py    pure: the senders' two-buffer schedule, the stats, the callbacks a transport runs with
     errors.py      one root, RefitError, and its named subclasses
     sources.py     pure: what a backend hands a sender besides a tensor (a Fill; resident weights, one-copy)
+    slices.py      pure: shard-sliced refit, the part of a weight a TP engine worker keeps (SlicedTensor)
     checksum.py    fingerprints and checksums (tests, benchmarks, verify mode)
     sizing.py      how big the two buffers are
     ipc/           colocated transport: CUDA IPC / shared memory + ZMQ, one sender and one receiver per device

@@ -12,7 +12,9 @@
 #   grpo8b  2 GPUs: 3 steps of +recipe=grpo_gpu on Llama-3-8B shapes, FSDP2 over 2 ranks with 2 colocated engines
 #           (#15's 2-GPU in-training refit, goal <= 40 ms); random bf16 weights drawn on the GPU first
 #   tp      2 GPUs, #14: FSDP2 over 2 GPUs with one TP=2 vLLM engine colocated: colocate.check (greedy vs HF
-#           after a refit of perturbed weights), then 3 GRPO steps
+#           after a refit of perturbed weights), then the TP refit bench on Llama-3-8B shapes (shard-sliced,
+#           whole, in place, floors: colocate.bench.refit_tp)
+#   tpgrpo  2 GPUs, #14: 3 GRPO steps with one TP=2 engine beside FSDP2 over 2 GPUs, shard-sliced then whole
 #   math    3 steps of +recipe=grpo_math on the GSM8K fixture (#13); needs math-verify: carry .devpkgs/extra
 #           (wheels from `pip download --no-deps -d .devpkgs/extra math-verify latex2sympy2_extended
 #           antlr4-python3-runtime==4.13.2`: .devpkgs/ is not in git), installed here when present
@@ -27,7 +29,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 
 source "$(dirname "$0")/gpu_common.sh"  # bounded, weights, step_metrics
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|bench|train|ab|grpo|math [...]"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|bench|train|ab|grpo|grpo8b|tp|tpgrpo|math|kl [...]"; exit 2; }
 for mode in "$@"; do
   case $mode in
   tests)
@@ -78,14 +80,23 @@ for mode in "$@"; do
     ;;
   tp)
     weights
-    bounded 300 "$OUT/check_engine_tp2.log" python -m colocate.check $MODEL --refit --device cuda --transport zmq \
+    bounded 200 "$OUT/check_engine_tp2.log" python -m colocate.check $MODEL --refit --device cuda --transport zmq \
       --workers 2 --engine-tp 2 --dtype bfloat16 --timeout-s 60 --verbose --json "$OUT/check_engine_tp2.json"
     grep -E "^  (ok|MISMATCH|skipped)|^\[|cannot|Error" "$OUT/check_engine_tp2.log" | grep -v Warning | tail -8
-    bounded 300 "$OUT/grpo_engine_tp2.log" python -m colocate.run +recipe=grpo_gpu model.path=$MODEL \
-      placement.ray_address=local placement.policy_workers=2 placement.generation_workers=1 \
-      generation.tensor_parallel_size=2 algorithm.steps=3 algorithm.prompts_per_step=16 \
-      algorithm.max_new_tokens=256 logging.progress=false hydra.run.dir="$OUT/grpo_engine_tp2"
-    grep -hE "Error|error:" "$OUT/grpo_engine_tp2.log" | tail -4; tail -2 "$OUT/grpo_engine_tp2/metrics.jsonl"
+    bounded 300 "$OUT/refit_tp2_llama3-8b.log" python -m colocate.bench.refit_tp --device cuda --model llama3-8b \
+      --engine-tp 2 --repeats 20 --json "$OUT/refit_tp2_llama3-8b.json"
+    grep -A8 "median of" "$OUT/refit_tp2_llama3-8b.log"
+    ;;
+  tpgrpo)
+    weights
+    for sliced in true false; do
+      bounded 260 "$OUT/grpo_engine_tp2_$sliced.log" python -m colocate.run +recipe=grpo_gpu model.path=$MODEL \
+        placement.ray_address=local placement.policy_workers=2 placement.generation_workers=1 \
+        generation.tensor_parallel_size=2 refit.shard_slice=$sliced algorithm.steps=3 algorithm.prompts_per_step=16 \
+        algorithm.max_new_tokens=256 logging.progress=false hydra.run.dir="$OUT/grpo_engine_tp2_$sliced"
+      grep -hE "Error|error:" "$OUT/grpo_engine_tp2_$sliced.log" | tail -4
+      step_metrics "$OUT/grpo_engine_tp2_$sliced/metrics.jsonl"
+    done
     ;;
   grpo8b)
     L=/tmp/llama-random

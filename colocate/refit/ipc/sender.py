@@ -146,6 +146,11 @@ class RefitSender:
     def manifest(self, meta: Meta, slices: list[Slice | None] | None = None) -> Manifest:
         return plan(meta, self.buffer_bytes, one_per_bucket=self.per_tensor, slices=slices)
 
+    @property
+    def slices(self) -> list[Slice | None] | None:
+        """The receiver's last answer: the part of each offered tensor it keeps (None: every one whole)."""
+        return self._offered[1] if self._offered is not None else None
+
     def _slices(self, meta: Meta) -> list[Slice | None] | None:
         """What the receiver's engine worker keeps of each tensor (None: all of every one), asked once per
         offer."""

@@ -1,0 +1,254 @@
+"""Refit benchmark for a tensor-parallel engine: one vLLM engine of `--engine-tp` K workers, and K trainer
+processes, trainer r on the device of TP worker r (GPU r; on CPU all share the host), each holding the whole
+model (as every FSDP2 rank does once it has gathered) and refitting the worker beside it, all at once.
+
+    python -m colocate.bench.refit_tp --device cuda --model llama3-8b --engine-tp 2 --repeats 20 --json out.json
+    python -m colocate.bench.refit_tp --device cpu --model tiny --engine-tp 2 --repeats 3 --json out.json
+
+Methods (warm-up first, then `--repeats` timed refits; a refit's time is its slowest rank's):
+  colocate        the default: shard-sliced, each trainer packs only the slice of each weight its worker
+                  keeps (as the worker's own loader says), through the ping-pong buffers
+  colocate_whole  `refit.shard_slice=false`: every trainer packs every tensor whole; vLLM's loader slices
+  colocate_in_place  GPU: the one-copy path (each worker reads its slices straight from the trainer's tensors)
+  floor           one process per rank: one device copy of each rank's slices (what a sliced refit must move)
+  floor_whole     one process per rank: one device copy of every tensor, whole
+`correct`: after one more, recorded refit, what each worker was handed equals the trainer's tensor or the
+slice of it named (CPU: sha256; GPU: on-device word sums). `sent_mb`: the bytes each rank packed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from colocate.bench.model_shapes import param_meta, resolve_model
+from colocate.bench.refit import EXT, _make_tensors, _report, _time, report_fatal, write_outputs
+from colocate.refit.ipc.jobdir import new_job_dir, new_token
+
+METHODS = ("colocate", "colocate_whole", "colocate_in_place", "floor", "floor_whole")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m colocate.bench.refit_tp", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="tiny", help="tiny | llama3-8b | qwen2.5-1.5b | a HF directory")
+    p.add_argument("--engine-tp", type=int, default=2)
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--buffer-mb", type=float, default=1024, help="size of each of the two ping-pong buffers")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--plot", default=None, help="PNG path (default: beside --json)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only draw the PNG of an earlier run")
+    return p.parse_args(argv)
+
+
+def _expected(tensors: dict[str, torch.Tensor], received: dict[str, str]) -> dict[str, str]:
+    """What each received fingerprint should be: of the tensor, or of the slice its "@dim:start:length" names."""
+    from colocate.refit.checksum import fingerprint
+
+    out = {}
+    for name, fp in received.items():
+        t = tensors[name]
+        _, _, piece = fp.partition("@")
+        if piece:
+            d, s, n = (int(x) for x in piece.split(":"))
+            out[name] = f"{fingerprint(t.narrow(d, s, n))}@{piece}"
+        else:
+            out[name] = fingerprint(t)
+    return out
+
+
+def trainer_main(conn, rank: int, args: dict[str, Any]) -> None:
+    report_fatal(conn, _trainer, rank, args)
+
+
+def _trainer(conn, rank: int, a: dict[str, Any]) -> None:
+    from colocate.refit.ipc.sender import RefitSender
+    from colocate.refit.plan import tensor_meta
+
+    device = a["device"]
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    tensors = _make_tensors(a["meta"], getattr(torch, a["dtype"]), device, seed=1)  # the same on every rank
+    meta = tensor_meta(tensors)
+    by_name = dict(tensors)
+    conn.send(("ready", sum(t.numel() * t.element_size() for _, t in tensors), len(tensors)))
+    slices = None
+    for method in a["methods"]:
+        row: dict[str, Any] = {"method": method}
+        try:
+            if method.startswith("floor"):
+                if method == "floor" and slices is None:
+                    raise RuntimeError("floor needs the slices: run colocate first")
+                src = [t if method == "floor_whole" or p is None else p.of(t)
+                       for (_, t), p in zip(tensors, slices or [None] * len(tensors), strict=True)]
+                dst = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in src]
+
+                def copy(dst=dst, src=src) -> None:
+                    for d, s in zip(dst, src, strict=True):
+                        d.copy_(s)
+
+                cold, times = _time(copy, a["repeats"], device)
+                row.update(cold_s=cold, times_s=times, sent_bytes=sum(s.numel() * s.element_size() for s in src),
+                           correct=all(torch.equal(d, s) for d, s in zip(dst, src, strict=True)))
+            elif method == "colocate_in_place" and device == "cpu":
+                row["skipped"] = "the one-copy path is CUDA only"
+            else:
+                sender = RefitSender(address=a["addresses"][rank], token=a["token"], job_dir=a["job_dir"],
+                                     device=device, buffer_bytes=a["buffer_bytes"], timeout_s=a["timeout"],
+                                     shard_slice=method != "colocate_whole")
+                resident = tensors if method == "colocate_in_place" else None
+                conn.send(("serve", a["repeats"] + 2))
+                stats = []
+
+                def one(s=sender, out=stats, r=resident) -> None:
+                    out.append(s.stream(iter(tensors), meta, resident=r))
+
+                cold, times = _time(one, a["repeats"], device)
+                sender.stream(iter(tensors), meta, resident=resident)
+                if method == "colocate":
+                    slices = sender.slices
+                received = conn.recv()  # what the worker beside us was handed in that last refit
+                sender.close()
+                timed = stats[1:]
+                row.update(cold_s=cold, times_s=times, sent_bytes=timed[0].bytes, sliced=timed[0].sliced,
+                           one_copy=timed[0].one_copy, correct=received == _expected(by_name, received),
+                           sender_pack_s=statistics.median(x.pack_seconds for x in timed),
+                           sender_wait_s=statistics.median(x.wait_seconds for x in timed))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc()
+        conn.send(("row", row))
+    conn.send(("done",))
+
+
+def _merge(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from every rank's: each repeat's time is the slowest rank's; bytes per rank, the most."""
+    first = rows[0]
+    bad = next((r for r in rows if "error" in r or "skipped" in r), None)
+    if bad is not None:
+        return {"method": first["method"], **{k: v for k, v in bad.items() if k != "method"}}
+    out = {"method": first["method"], "ranks": len(rows),
+           "times_s": [max(ts) for ts in zip(*(r["times_s"] for r in rows), strict=True)],
+           "cold_s": max(r["cold_s"] for r in rows), "correct": all(r["correct"] for r in rows),
+           "sent_mb_per_rank": max(r["sent_bytes"] for r in rows) / 2**20}
+    for key in ("sliced", "one_copy", "sender_pack_s", "sender_wait_s"):
+        if key in first:
+            out[key] = first[key] if not isinstance(first[key], float) else max(r[key] for r in rows)
+    return out
+
+
+def _serve(llm, conns, procs) -> list[dict[str, Any]]:
+    """Drive the engine while the trainers run their methods in step: a method starts once every trainer
+    asked for it (to serve its refits) or sent its row (a floor, no engine)."""
+    rows: list[dict[str, Any]] = []
+
+    def recv(conn) -> tuple:
+        while not conn.poll(1.0):
+            dead = [p for p in procs if not p.is_alive()]
+            if dead:
+                raise RuntimeError(f"trainer process died (exit code {dead[0].exitcode})")
+        msg = conn.recv()
+        if msg[0] == "fatal":
+            raise RuntimeError(f"trainer process failed:\n{msg[1]}")
+        return msg
+
+    while True:
+        msgs = [recv(c) for c in conns]
+        kinds = {m[0] for m in msgs}
+        if kinds == {"done"}:
+            return rows
+        if kinds == {"serve"}:
+            n = msgs[0][1]
+            for i in range(n):
+                llm.collective_rpc("colocate_refit_set_record", args=(i == n - 1,))
+                llm.collective_rpc("colocate_refit_receive")
+            received = llm.collective_rpc("colocate_received_fingerprints")
+            for conn, got in zip(conns, received, strict=True):
+                conn.send(got)
+            msgs = [recv(c) for c in conns]
+        if {m[0] for m in msgs} != {"row"}:
+            raise RuntimeError(f"trainers out of step: {[m[0] for m in msgs]}")
+        row = _merge([m[1] for m in msgs])
+        status = row.get("error") or row.get("skipped") or f"median {statistics.median(row['times_s']) * 1e3:.2f} ms"
+        print(f"  {row['method']:<20} {status}", file=sys.stderr, flush=True)
+        rows.append(row)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from colocate.engine.vllm_engine import make_llm, shutdown_llm
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if "floor" in methods and ("colocate" not in methods or methods.index("floor") < methods.index("colocate")):
+        raise SystemExit("the floor row copies the slices `colocate` was told: list colocate before floor")
+    tp = args.engine_tp
+    if args.device == "cuda" and torch.cuda.device_count() < tp:
+        raise SystemExit(f"--engine-tp {tp} needs {tp} GPUs, {torch.cuda.device_count()} visible")
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    model_dir, has_weights = resolve_model(args.model)
+    meta = param_meta(model_dir, getattr(torch, dtype))
+    job_dir, token = new_job_dir(), new_token()
+    t = time.perf_counter()
+    llm = make_llm(str(model_dir), dtype=dtype, load_format="auto" if has_weights else "dummy", seed=0,
+                   max_model_len=256, kv_cache_memory_bytes=(1 << 30) if args.device == "cuda" else None,
+                   tensor_parallel_size=tp, worker_extension_cls=EXT, skip_tokenizer_init=True)
+    print(f"engine (TP={tp}) up in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+    infos = llm.collective_rpc("colocate_refit_open", args=("zmq",), kwargs=dict(
+        job="bench", token=token, job_dir=job_dir, timeout_s=args.timeout))
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(tp)]
+    buffer_bytes = int(args.buffer_mb * (1 << 20))
+    shared = dict(device=args.device, meta=meta, dtype=dtype, repeats=args.repeats, methods=methods,
+                  addresses=[i["address"] for i in infos], token=token, job_dir=job_dir,
+                  buffer_bytes=buffer_bytes, timeout=args.timeout)
+    procs = [ctx.Process(target=trainer_main, args=(child, r, shared), daemon=True)
+             for r, (_, child) in enumerate(pipes)]
+    for p in procs:
+        p.start()
+    conns = [parent for parent, _ in pipes]
+    try:
+        ready = [c.recv() for c in conns]
+        fatal = next((m for m in ready if m[0] == "fatal"), None)
+        if fatal is not None:
+            raise RuntimeError(fatal[1])
+        _, total_bytes, n_tensors = ready[0]
+        print(f"{args.model}: {n_tensors} tensors, {total_bytes / 1e9:.2f} GB {dtype}, TP={tp}", file=sys.stderr)
+        rows = _serve(llm, conns, procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        llm.collective_rpc("colocate_refit_close")
+        shutdown_llm(llm)
+        shutil.rmtree(job_dir, ignore_errors=True)
+    report = _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, prog="colocate.bench.refit_tp")
+    report.update(mode=f"one TP={tp} engine, {tp} trainers (one per device)", engine_tp=tp)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    report = json.loads(Path(args.replot).read_text()) if args.replot else run(args)
+    write_outputs(args, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -240,6 +240,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(job_dir, ignore_errors=True)
     report = _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, prog="colocate.bench.refit_tp")
     report.update(mode=f"one TP={tp} engine, {tp} trainers (one per device)", engine_tp=tp)
+    if args.device == "cuda":
+        report["device"] = f"{tp} x {report['device']}"
     return report
 
 

@@ -191,8 +191,12 @@ def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_
         row["perturbed_tensors"] = cluster.policy.execute(perturb, seed, 0.05)[0]
         say(f"perturbed {row['perturbed_tensors']} tensors; refitting")
         t = time.perf_counter()
-        cluster.refit()
+        parts = cluster.refit()
         row["refit_ms"] = round((time.perf_counter() - t) * 1e3, 1)
+        if parts.get("refit_sliced"):  # TP engines, colocated: each policy rank sent its worker's slices
+            row["sliced_tensors"] = parts["refit_sliced"]
+        if "refit_sent_mb" in parts:
+            row["sent_mb_per_rank"] = round(parts["refit_sent_mb"], 2)
         say("refit done; generating")
         rollouts = cluster.generation.generate(prompt_ids, temperature=0.0, max_tokens=max_tokens, n=1)
         engine = [r.response_ids for r in rollouts]

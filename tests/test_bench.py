@@ -13,7 +13,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("bench, extra", [("refit", []), ("split", ["--receivers", "1"])])
+# The split bench with three receivers: issue #16's first run (one policy GPU to three engine GPUs) on CPU.
+@pytest.mark.parametrize("bench, extra", [("refit", []), ("split", ["--receivers", "3"])])
 def test_benchmark_methods_are_correct_on_cpu(tmp_path, bench, extra):
     out = tmp_path / f"{bench}.json"
     subprocess.run([sys.executable, "-m", f"colocate.bench.{bench}", "--device", "cpu", "--model", "tiny",

@@ -1,16 +1,22 @@
-"""A faster `load_weights` for dense models on one GPU: each HF tensor copied straight into its slice of the
+"""A faster `load_weights` for dense models on GPU: each HF tensor copied straight into its slice of the
 engine's parameter, with the destinations worked out once per engine instead of once per call.
 
 Why: vLLM's `model.load_weights` rebuilds its name -> parameter table and walks its stacked-parameter
 mapping for every call and every tensor. A refit calls it once per bucket, so for Llama-3-8B that is ~32
 calls and ~290 lookups each refit, milliseconds of Python on the critical path. Here the plan is:
 - vLLM's fused parameters (`packed_modules_mapping`, e.g. qkv_proj <- q/k/v_proj, gate_up_proj <-
-  gate/up_proj) are split along dim 0 by the fusing layer's own `output_sizes`, in mapping order;
+  gate/up_proj) are split along dim 0 by the fusing layer's own per-rank sizes (`output_partition_sizes`:
+  this TP rank's q / k / v heads, gate / up rows), in mapping order;
 - every other parameter takes the HF tensor of the same name; a vocabulary padded by vLLM takes the
   first rows.
-Only where this is certainly what `load_weights` does: one tensor-parallel rank, no quantization, an
-architecture on `SUPPORTED`, same dtype, same shape. Anything else (an unknown name, a shape that differs)
-goes through `model.load_weights`, per tensor, so the result is always what vLLM's loader would produce.
+A tensor-parallel worker takes a tensor directly only where what arrived is exactly its part: a shard-sliced
+tensor (`refit/slices.py`, the slice its own loader keeps) of the destination's shape, or a whole tensor
+of the destination's shape (replicated: norms, a KV head every rank keeps). A whole tensor for a sharded
+destination goes to vLLM's loader, which slices it. So only where this is certainly what `load_weights`
+does: no quantization, one pipeline stage, an architecture on `SUPPORTED`, same dtype, same shape.
+Anything else (an unknown name, a shape that differs) goes through `model.load_weights`, per tensor, so the
+result is always what vLLM's loader would produce (`tests/test_tp_loaders.py` checks both against it on a
+TP=2 model).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from colocate.refit.slices import slice_data
 
 SUPPORTED = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
 
@@ -31,7 +39,6 @@ def checkpoint_names_known(model_config: Any) -> bool:
 def can_load_directly(worker: Any) -> bool:
     return (
         torch.cuda.is_available()
-        and worker.parallel_config.tensor_parallel_size == 1
         and worker.parallel_config.pipeline_parallel_size == 1
         and worker.model_config.quantization is None
         and checkpoint_names_known(worker.model_config)
@@ -64,7 +71,9 @@ def destinations(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if sources == [pname]:
             out[pname] = param.data
             continue
-        sizes = getattr(modules.get(pname.rpartition(".")[0]), "output_sizes", None)
+        module = modules.get(pname.rpartition(".")[0])
+        # This TP rank's part of each (the global `output_sizes` over the TP size, KV heads replicated)
+        sizes = getattr(module, "output_partition_sizes", None) or getattr(module, "output_sizes", None)
         if sizes is None or len(sizes) != len(sources) or sum(sizes) != param.shape[0]:
             continue  # not a layout we can split with certainty: vLLM's loader handles these names
         offset = 0
@@ -75,39 +84,46 @@ def destinations(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class DirectLoader:
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, tp_size: int = 1) -> None:
+        self.model, self.tp_size = model, tp_size
         self.dst = destinations(model)
 
-    def load(self, weights: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
+    def load(self, weights: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> int:
         """`dtype`: what the tensors stand for; a wider float source is cast by the copy into a parameter of
         that dtype (round to nearest, as `.to(dtype)`), and cast first on vLLM's loader path.
 
         The copies of one source dtype go out as one multi-tensor launch (`torch._foreach_copy_`): a refit of
         Qwen2.5-1.5B is 338 tensors, and 338 launches cost more than the copies themselves (measured: the
-        engine's load 5.2 ms against 3.3 ms for the same copies issued back to back in one process)."""
+        engine's load 5.2 ms against 3.3 ms for the same copies issued back to back in one process).
+        Returns how many tensors went to vLLM's loader instead."""
         copies: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         rest = []
         for name, t in weights:
-            d = self._destination(name, t, dtype)
+            data, piece = slice_data(t)  # a shard-sliced tensor: the slice that arrived
+            d = self._destination(name, data, dtype, sliced=piece is not None)
             if d is None:
                 rest.append((name, t if dtype is None else t.to(dtype)))
                 continue
-            dsts, srcs = copies.setdefault(t.dtype, ([], []))
+            dsts, srcs = copies.setdefault(data.dtype, ([], []))
             dsts.append(d)
-            srcs.append(t)
+            srcs.append(data)
         for dsts, srcs in copies.values():
             torch._foreach_copy_(dsts, srcs, non_blocking=True)
         if rest:
             self.model.load_weights(weights=rest)
+        return len(rest)
 
-    def _destination(self, name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor | None:
-        """Where `t` goes, or None for vLLM's loader (an unknown name, another dtype, another shape)."""
+    def _destination(self, name: str, t: torch.Tensor, dtype: torch.dtype | None, *, sliced: bool = False
+                     ) -> torch.Tensor | None:
+        """Where `t` goes, or None for vLLM's loader (an unknown name, another dtype, another shape).
+        `sliced`: `t` is the slice of the tensor that this TP rank's loader keeps."""
         d = self.dst.get(name)
         if d is None or d.dtype != (dtype or t.dtype) or d.shape[1:] != t.shape[1:]:
             return None
         if d.shape[0] == t.shape[0]:
-            return d
-        if d.shape[0] > t.shape[0] and ("embed_tokens" in name or "lm_head" in name):
-            return d[: t.shape[0]]  # vLLM pads the vocabulary; the padding stays
+            return d  # its part, or (whole, this shape) a tensor every rank keeps whole
+        # vLLM pads the vocabulary (the padding stays): the first rows take this rank's part of it, which is
+        # the whole tensor on one rank, or the slice that arrived; a whole one on a TP rank goes to vLLM.
+        if d.shape[0] > t.shape[0] and ("embed_tokens" in name or "lm_head" in name) and (sliced or self.tp_size == 1):
+            return d[: t.shape[0]]
         return None

@@ -218,7 +218,7 @@ def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]
     elif direct:
         loader = getattr(worker, _DIRECT, None)
         if loader is None:
-            loader = DirectLoader(_model(worker))
+            loader = DirectLoader(_model(worker), worker.parallel_config.tensor_parallel_size)
             setattr(worker, _DIRECT, loader)
         with torch.no_grad():
             loader.load(weights, dtype=dtype)

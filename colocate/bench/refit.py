@@ -459,7 +459,7 @@ def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, *,
             prog: str = "colocate.bench.refit") -> dict[str, Any]:
     """Medians, GB/s and ratio to `floor` per row, with the run's device, software, date and command."""
     floor = next((statistics.median(r["times_s"]) for r in rows
-                  if r["method"] in ("floor", "floor_cast_copy") and "times_s" in r), None)
+                  if r["method"] in ("floor", "floor_cast_copy", "floor_gather") and "times_s" in r), None)
     for r in rows:
         if "times_s" in r:
             med = statistics.median(r["times_s"])

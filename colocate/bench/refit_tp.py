@@ -4,6 +4,7 @@ model (as every FSDP2 rank does once it has gathered) and refitting the worker b
 
     python -m colocate.bench.refit_tp --device cuda --model llama3-8b --engine-tp 2 --repeats 20 --json out.json
     python -m colocate.bench.refit_tp --device cpu --model tiny --engine-tp 2 --repeats 3 --json out.json
+    python -m colocate.bench.refit_tp --device cuda --model /tmp/qwen-random --engine-tp 2 --policy fsdp2 --json o.json
 
 Methods (warm-up first, then `--repeats` timed refits; a refit's time is its slowest rank's):
   colocate        the default: shard-sliced, each trainer packs only the slice of each weight its worker
@@ -12,6 +13,14 @@ Methods (warm-up first, then `--repeats` timed refits; a refit's time is its slo
   colocate_in_place  GPU: the one-copy path (each worker reads its slices straight from the trainer's tensors)
   floor           one process per rank: one device copy of each rank's slices (what a sliced refit must move)
   floor_whole     one process per rank: one device copy of every tensor, whole
+In-training mode (`--policy fsdp2`; `--model` a directory with weights, or tiny): the K trainers are one real
+FSDP2 policy over K ranks (fp32 master weights, bf16 compute), its weights changed in place before every
+refit; each rank's fills all-gather a module's shards (collectives, every rank in step) and copy out what
+its worker keeps:
+  policy          shard-sliced (the default path)
+  policy_whole    `refit.shard_slice=false`
+  floor_gather    one process per rank: every shard cast into one input, one all-gather of the whole model,
+                  each rank's slices copied out (the collective and the copy any refit from FSDP must make)
 `correct`: after one more, recorded refit, what each worker was handed equals the trainer's tensor or the
 slice of it named (CPU: sha256; GPU: on-device word sums). `sent_mb`: the bytes each rank packed.
 """
@@ -19,6 +28,7 @@ slice of it named (CPU: sha256; GPU: on-device word sums). `sent_mb`: the bytes 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import shutil
@@ -32,10 +42,11 @@ from typing import Any
 import torch
 
 from colocate.bench.model_shapes import param_meta, resolve_model
-from colocate.bench.refit import EXT, _make_tensors, _report, _time, report_fatal, write_outputs
+from colocate.bench.refit import EXT, _free_port, _make_tensors, _report, _time, report_fatal, write_outputs
 from colocate.refit.ipc.jobdir import new_job_dir, new_token
 
 METHODS = ("colocate", "colocate_whole", "colocate_in_place", "floor", "floor_whole")
+TRAINING_METHODS = ("policy", "policy_whole", "floor_gather")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +57,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--buffer-mb", type=float, default=1024, help="size of each of the two ping-pong buffers")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=None, help="default: every method of the mode")
+    p.add_argument("--policy", choices=["none", "fsdp2"], default="none",
+                   help="fsdp2: the in-training mode (the trainers are one FSDP2 policy over --engine-tp ranks)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--plot", default=None, help="PNG path (default: beside --json)")
@@ -71,7 +84,68 @@ def _expected(tensors: dict[str, torch.Tensor], received: dict[str, str]) -> dic
 
 
 def trainer_main(conn, rank: int, args: dict[str, Any]) -> None:
-    report_fatal(conn, _trainer, rank, args)
+    report_fatal(conn, _policy_trainer if args["policy"] == "fsdp2" else _trainer, rank, args)
+
+
+def _policy_trainer(conn, rank: int, a: dict[str, Any]) -> None:
+    """The in-training mode's trainer: rank `rank` of an FSDP2 policy over every trainer (module docstring)."""
+    from colocate.policy.worker import PolicyWorker
+    from colocate.refit.ipc.sender import RefitSender
+    from colocate.refit.plan import manifest_meta_of
+
+    tp, dtype = len(a["addresses"]), getattr(torch, a["dtype"])
+    worker = PolicyWorker(model_path=a["model_dir"], rank=rank, world_size=tp, master_addr="127.0.0.1",
+                          master_port=a["master_port"], device=a["device"], param_dtype="bfloat16")
+    device = worker.device
+    meta = manifest_meta_of(worker.weights_manifest(dtype))
+    params = list(worker.model.parameters())
+    step = [0]
+
+    def perturb() -> None:  # what an optimizer step does to the weights: all of them change, in place
+        step[0] += 1
+        with torch.no_grad():
+            for p in params:
+                p.to_local().mul_(1.0 + 2.0 ** -(4 + step[0] % 3))
+
+    total = sum(x.numel() * x.element_size() for _, x in worker.iter_weights(dtype))
+    conn.send(("ready", total, len(meta)))
+    slices = None
+    for method in a["methods"]:
+        row: dict[str, Any] = {"method": method}
+        try:
+            if method == "floor_gather":
+                if slices is None:
+                    raise RuntimeError("floor_gather needs the slices: run policy first")
+                row.update(_floor_gather(worker, meta, slices, dtype, a["repeats"]))
+            else:
+                sender = RefitSender(address=a["addresses"][rank], token=a["token"], job_dir=a["job_dir"],
+                                     device=device.type, buffer_bytes=a["buffer_bytes"], timeout_s=a["timeout"],
+                                     shard_slice=method == "policy")
+                conn.send(("serve", a["repeats"] + 2))
+                stats, times = [], []
+                for _ in range(a["repeats"] + 2):
+                    perturb()
+                    t = time.perf_counter()
+                    stats.append(sender.stream(worker.refit_sources(dtype), meta))
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    times.append(time.perf_counter() - t)
+                if method == "policy":
+                    slices = sender.slices or [None] * len(meta)
+                received = conn.recv()
+                sent = {n: t for n, t in worker.iter_weights(dtype)}  # a collective: every rank, in step
+                sender.close()
+                timed = stats[1:-1]
+                row.update(cold_s=times[0], times_s=times[1:-1], sent_bytes=timed[0].bytes, sliced=timed[0].sliced,
+                           one_copy=False, correct=received == _expected(sent, received),
+                           sender_gather_s=statistics.median(x.gather_seconds for x in timed),
+                           sender_pack_s=statistics.median(x.pack_seconds for x in timed),
+                           sender_wait_s=statistics.median(x.wait_seconds for x in timed))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc()
+        conn.send(("row", row))
+    conn.send(("done",))
 
 
 def _trainer(conn, rank: int, a: dict[str, Any]) -> None:
@@ -135,6 +209,44 @@ def _trainer(conn, rank: int, a: dict[str, Any]) -> None:
     conn.send(("done",))
 
 
+def _floor_gather(worker, meta, slices, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
+    """Every shard cast into one input, one all-gather of the whole model, this rank's slices (or the whole
+    tensors it keeps whole) copied out: the collective and the copy a refit from FSDP2 must make."""
+    import torch.distributed as dist
+
+    from colocate.policy.weights import _copy_slice, _local, _state_refs
+
+    device, world = worker.device, worker.world_size
+    refs = [(n, _local(getattr(m, attr))) for n, m, attr in _state_refs(worker.model)]
+    piece = dict(zip((n for n, _, _ in meta), slices, strict=True))
+    full = {n: tuple(s) for n, _, s in meta}
+    bounds = [0]
+    for _, x in refs:
+        bounds.append(bounds[-1] + x.numel())
+    spans = list(itertools.pairwise(bounds))
+    shards = torch.empty(bounds[-1], dtype=dtype, device=device)
+    block = torch.empty(world * bounds[-1], dtype=dtype, device=device)
+    outs = [torch.empty(piece[n].shape(full[n]) if piece[n] else full[n], dtype=dtype, device=device)
+            for n, _ in refs]
+
+    def gather_copy() -> None:
+        torch._foreach_copy_([shards[lo:hi].view(x.shape) for (lo, hi), (_, x) in zip(spans, refs, strict=True)],
+                             [x for _, x in refs])
+        dist.all_gather_into_tensor(block, shards)
+        rows = block.view(world, bounds[-1])
+        for (n, _), (lo, hi), out in zip(refs, spans, outs, strict=True):
+            if piece[n] is None:
+                out.view(world, hi - lo).copy_(rows[:, lo:hi])
+            else:
+                _copy_slice(out, rows[:, lo:hi], full[n], piece[n])
+
+    cold, times = _time(gather_copy, repeats, str(device))
+    whole = dict(worker.iter_weights(dtype))  # a collective: every rank, in step
+    return dict(cold_s=cold, times_s=times, sent_bytes=sum(o.numel() * o.element_size() for o in outs),
+                correct=all(torch.equal(o, piece[n].of(whole[n]) if piece[n] else whole[n])
+                            for (n, _), o in zip(refs, outs, strict=True)))
+
+
 def _merge(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from every rank's: each repeat's time is the slowest rank's; bytes per rank, the most."""
     first = rows[0]
@@ -145,7 +257,7 @@ def _merge(rows: list[dict[str, Any]]) -> dict[str, Any]:
            "times_s": [max(ts) for ts in zip(*(r["times_s"] for r in rows), strict=True)],
            "cold_s": max(r["cold_s"] for r in rows), "correct": all(r["correct"] for r in rows),
            "sent_mb_per_rank": max(r["sent_bytes"] for r in rows) / 2**20}
-    for key in ("sliced", "one_copy", "sender_pack_s", "sender_wait_s"):
+    for key in ("sliced", "one_copy", "sender_gather_s", "sender_pack_s", "sender_wait_s"):
         if key in first:
             out[key] = first[key] if not isinstance(first[key], float) else max(r[key] for r in rows)
     return out
@@ -191,17 +303,24 @@ def _serve(llm, conns, procs) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from colocate.engine.vllm_engine import make_llm, shutdown_llm
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    training = args.policy == "fsdp2"
+    known = TRAINING_METHODS if training else METHODS
+    methods = [m.strip() for m in (args.methods or ",".join(known)).split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if "floor" in methods and ("colocate" not in methods or methods.index("floor") < methods.index("colocate")):
-        raise SystemExit("the floor row copies the slices `colocate` was told: list colocate before floor")
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(known)}")
+    first, floor = ("policy", "floor_gather") if training else ("colocate", "floor")
+    if floor in methods and (first not in methods or methods.index(floor) < methods.index(first)):
+        raise SystemExit(f"the {floor} row copies the slices `{first}` was told: list {first} before {floor}")
     tp = args.engine_tp
     if args.device == "cuda" and torch.cuda.device_count() < tp:
         raise SystemExit(f"--engine-tp {tp} needs {tp} GPUs, {torch.cuda.device_count()} visible")
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    # In training the engine is bf16 beside fp32 master weights, on CPU too (the cast is part of the path).
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" or training else "float32")
     model_dir, has_weights = resolve_model(args.model)
+    if training and not has_weights:
+        raise SystemExit(f"--policy fsdp2 needs weights in --model ({model_dir}); build random ones with "
+                         "python -m colocate.models.random_init --shapes <shape set> --out DIR")
     meta = param_meta(model_dir, getattr(torch, dtype))
     job_dir, token = new_job_dir(), new_token()
     t = time.perf_counter()
@@ -216,7 +335,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     buffer_bytes = int(args.buffer_mb * (1 << 20))
     shared = dict(device=args.device, meta=meta, dtype=dtype, repeats=args.repeats, methods=methods,
                   addresses=[i["address"] for i in infos], token=token, job_dir=job_dir,
-                  buffer_bytes=buffer_bytes, timeout=args.timeout)
+                  buffer_bytes=buffer_bytes, timeout=args.timeout, policy=args.policy, model_dir=str(model_dir),
+                  master_port=_free_port())
     procs = [ctx.Process(target=trainer_main, args=(child, r, shared), daemon=True)
              for r, (_, child) in enumerate(pipes)]
     for p in procs:
@@ -239,7 +359,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutdown_llm(llm)
         shutil.rmtree(job_dir, ignore_errors=True)
     report = _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, prog="colocate.bench.refit_tp")
-    report.update(mode=f"one TP={tp} engine, {tp} trainers (one per device)", engine_tp=tp)
+    trainers = f"an FSDP2 policy over {tp} ranks" if training else f"{tp} trainers"
+    report.update(mode=f"one TP={tp} engine, {trainers} (one per device)", engine_tp=tp)
     if args.device == "cuda":
         report["device"] = f"{tp} x {report['device']}"
     return report

@@ -14,6 +14,8 @@
 #   tp      2 GPUs, #14: FSDP2 over 2 GPUs with one TP=2 vLLM engine colocated: colocate.check (greedy vs HF
 #           after a refit of perturbed weights), then the TP refit bench on Llama-3-8B shapes (shard-sliced,
 #           whole, in place, floors: colocate.bench.refit_tp)
+#   tptrain 2 GPUs, #14/#15: the TP refit bench in training, an FSDP2 policy over 2 GPUs (Qwen2.5-1.5B shapes)
+#           into one TP=2 engine: shard-sliced, whole, floor (one all-gather + the slices copied out)
 #   tpgrpo  2 GPUs, #14: 3 GRPO steps with one TP=2 engine beside FSDP2 over 2 GPUs, shard-sliced then whole
 #   math    3 steps of +recipe=grpo_math on the GSM8K fixture (#13); needs math-verify: carry .devpkgs/extra
 #           (wheels from `pip download --no-deps -d .devpkgs/extra math-verify latex2sympy2_extended
@@ -29,7 +31,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 
 source "$(dirname "$0")/gpu_common.sh"  # bounded, weights, step_metrics
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|bench|train|ab|grpo|grpo8b|tp|tpgrpo|math|kl [...]"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|bench|train|ab|grpo|grpo8b|tp|tptrain|tpgrpo|math|kl [...]"; exit 2; }
 for mode in "$@"; do
   case $mode in
   tests)
@@ -86,6 +88,12 @@ for mode in "$@"; do
     bounded 300 "$OUT/refit_tp2_llama3-8b.log" python -m colocate.bench.refit_tp --device cuda --model llama3-8b \
       --engine-tp 2 --repeats 20 --json "$OUT/refit_tp2_llama3-8b.json"
     grep -A8 "median of" "$OUT/refit_tp2_llama3-8b.log"
+    ;;
+  tptrain)
+    weights
+    bounded 300 "$OUT/training_tp2_qwen2.5-1.5b.log" python -m colocate.bench.refit_tp --device cuda --model $MODEL \
+      --engine-tp 2 --policy fsdp2 --repeats 20 --json "$OUT/training_tp2_qwen2.5-1.5b.json"
+    grep -A6 "median of" "$OUT/training_tp2_qwen2.5-1.5b.log"
     ;;
   tpgrpo)
     weights

@@ -61,20 +61,28 @@ def test_tensor_parallel_benchmark_is_correct_and_slices_on_cpu(tmp_path):
     assert rows["floor"]["sent_mb_per_rank"] == rows["colocate"]["sent_mb_per_rank"]
 
 
-def test_tensor_parallel_in_training_benchmark_is_correct_on_cpu(tmp_path):
+@pytest.mark.parametrize("engines, tp", [(1, 2), (2, 1)], ids=["one-tp2-engine", "two-engines"])
+def test_multi_rank_in_training_benchmark_is_correct_on_cpu(tmp_path, engines, tp):
     """A real FSDP2 policy over two gloo ranks (fp32 master weights, weights changed in place before every
-    refit) into one TP=2 bf16 engine: shard-sliced and whole exact, the sliced fills pack half; the floor
-    (one all-gather, the slices copied out) exact too."""
-    out = tmp_path / "tp_training.json"
+    refit) into bf16 engines in processes of their own: one TP=2 engine (shard-sliced: each rank packs half)
+    or two data-parallel engines (each takes the whole model); every path exact, and the floor (one all-gather,
+    what each rank keeps copied out) too."""
+    out = tmp_path / "multi_rank_training.json"
     subprocess.run([sys.executable, "-m", "colocate.bench.refit_tp", "--device", "cpu", "--model", "tiny",
-                    "--engine-tp", "2", "--policy", "fsdp2", "--repeats", "2", "--json", str(out)],
-                   check=True, timeout=300)
+                    "--engines", str(engines), "--engine-tp", str(tp), "--policy", "fsdp2", "--repeats", "2",
+                    "--json", str(out)], check=True, timeout=300)
     report = json.loads(out.read_text())
     assert report["dtype"] == "bfloat16" and "FSDP2 policy over 2 ranks" in report["mode"]
+    assert (report["engines"], report["engine_tp"]) == (engines, tp)
     rows = {r["method"]: r for r in report["results"]}
     assert set(rows) == {"policy", "policy_whole", "floor_gather"}
     for name, r in rows.items():
         assert r["correct"] is True and r["ranks"] == 2, (name, r.get("error"))
-    assert rows["policy"]["sliced"] > 0 and rows["policy_whole"]["sliced"] == 0
-    assert rows["policy"]["sent_mb_per_rank"] < 0.55 * rows["policy_whole"]["sent_mb_per_rank"]
+    assert rows["policy_whole"]["sliced"] == 0
+    if tp == 2:
+        assert rows["policy"]["sliced"] > 0
+        assert rows["policy"]["sent_mb_per_rank"] < 0.55 * rows["policy_whole"]["sent_mb_per_rank"]
+    else:  # nothing to slice for an engine of one worker
+        assert rows["policy"]["sliced"] == 0
+        assert rows["policy"]["sent_mb_per_rank"] == rows["policy_whole"]["sent_mb_per_rank"]
     assert rows["floor_gather"]["sent_mb_per_rank"] == rows["policy"]["sent_mb_per_rank"]

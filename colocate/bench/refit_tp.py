@@ -1,10 +1,14 @@
-"""Refit benchmark for a tensor-parallel engine: one vLLM engine of `--engine-tp` K workers, and K trainer
-processes, trainer r on the device of TP worker r (GPU r; on CPU all share the host), each holding the whole
-model (as every FSDP2 rank does once it has gathered) and refitting the worker beside it, all at once.
+"""Refit benchmark over several devices: `--engines` E vLLM engines of `--engine-tp` T workers each, each in
+a process of its own, and K = E * T trainer processes, trainer r on the device of worker r (engine r // T,
+TP rank r % T; GPU r; on CPU all share the host), each holding the whole model (as every FSDP2 rank does once
+it has gathered) and refitting the worker beside it, all at once. A tensor-parallel engine (T > 1) is refit
+shard-sliced by default; data-parallel engines (T = 1) each take the whole model.
 
     python -m colocate.bench.refit_tp --device cuda --model llama3-8b --engine-tp 2 --repeats 20 --json out.json
     python -m colocate.bench.refit_tp --device cpu --model tiny --engine-tp 2 --repeats 3 --json out.json
     python -m colocate.bench.refit_tp --device cuda --model /tmp/qwen-random --engine-tp 2 --policy fsdp2 --json o.json
+    python -m colocate.bench.refit_tp --device cuda --model /tmp/llama-random --engines 2 --engine-tp 1 \
+        --policy fsdp2 --json o.json       # FSDP2 over 2 GPUs into 2 colocated engines (issue #15's 2-GPU row)
 
 Methods (warm-up first, then `--repeats` timed refits; a refit's time is its slowest rank's):
   colocate        the default: shard-sliced, each trainer packs only the slice of each weight its worker
@@ -28,9 +32,11 @@ slice of it named (CPU: sha256; GPU: on-device word sums). `sent_mb`: the bytes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing as mp
+import os
 import shutil
 import statistics
 import sys
@@ -53,7 +59,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m colocate.bench.refit_tp", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="tiny", help="tiny | llama3-8b | qwen2.5-1.5b | a HF directory")
-    p.add_argument("--engine-tp", type=int, default=2)
+    p.add_argument("--engine-tp", type=int, default=2, help="each engine's tensor-parallel size")
+    p.add_argument("--engines", type=int, default=1, help="data-parallel engines (each on --engine-tp devices)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--buffer-mb", type=float, default=1024, help="size of each of the two ping-pong buffers")
@@ -263,35 +270,67 @@ def _merge(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _serve(llm, conns, procs) -> list[dict[str, Any]]:
-    """Drive the engine while the trainers run their methods in step: a method starts once every trainer
-    asked for it (to serve its refits) or sent its row (a floor, no engine)."""
+def engine_main(conn, index: int, a: dict[str, Any]) -> None:
+    report_fatal(conn, _engine, index, a)
+
+
+def _engine(conn, index: int, a: dict[str, Any]) -> None:
+    """Engine `index` in a process of its own, on GPUs index * tp .. + tp - 1: opens its workers' receivers,
+    then serves refits when told and reports what each worker was handed."""
+    tp = a["engine_tp"]
+    if a["device"] == "cuda":  # before CUDA is first touched in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(index * tp + r) for r in range(tp))
+    from colocate.engine.vllm_engine import make_llm, shutdown_llm
+
+    llm = make_llm(a["model_dir"], dtype=a["dtype"], load_format="auto" if a["has_weights"] else "dummy", seed=0,
+                   max_model_len=256, kv_cache_memory_bytes=(1 << 30) if a["device"] == "cuda" else None,
+                   tensor_parallel_size=tp, worker_extension_cls=EXT, skip_tokenizer_init=True)
+    infos = llm.collective_rpc("colocate_refit_open", args=("zmq",), kwargs=dict(
+        job="bench", token=a["token"], job_dir=a["job_dir"], timeout_s=a["timeout"]))
+    conn.send(("addresses", [i["address"] for i in infos]))
+    try:
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                return
+            n = msg[1]
+            for i in range(n):
+                llm.collective_rpc("colocate_refit_set_record", args=(i == n - 1,))
+                llm.collective_rpc("colocate_refit_receive")
+            conn.send(("received", llm.collective_rpc("colocate_received_fingerprints")))
+    finally:
+        llm.collective_rpc("colocate_refit_close")
+        shutdown_llm(llm)
+
+
+def _recv(conn, procs) -> tuple:
+    """The next message from a child, raising at once if any child died or failed."""
+    while not conn.poll(1.0):
+        dead = [p for p in procs if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"a benchmark process died (exit code {dead[0].exitcode})")
+    msg = conn.recv()
+    if msg[0] == "fatal":
+        raise RuntimeError(f"a benchmark process failed:\n{msg[1]}")
+    return msg
+
+
+def _coordinate(engines, trainers, procs) -> list[dict[str, Any]]:
+    """Run the trainers' methods in step: a method starts once every trainer asked for it (then every engine
+    serves its refits) or sent its row (a floor, no engine); trainer r hears what the r-th worker was handed."""
     rows: list[dict[str, Any]] = []
-
-    def recv(conn) -> tuple:
-        while not conn.poll(1.0):
-            dead = [p for p in procs if not p.is_alive()]
-            if dead:
-                raise RuntimeError(f"trainer process died (exit code {dead[0].exitcode})")
-        msg = conn.recv()
-        if msg[0] == "fatal":
-            raise RuntimeError(f"trainer process failed:\n{msg[1]}")
-        return msg
-
     while True:
-        msgs = [recv(c) for c in conns]
+        msgs = [_recv(c, procs) for c in trainers]
         kinds = {m[0] for m in msgs}
         if kinds == {"done"}:
             return rows
         if kinds == {"serve"}:
-            n = msgs[0][1]
-            for i in range(n):
-                llm.collective_rpc("colocate_refit_set_record", args=(i == n - 1,))
-                llm.collective_rpc("colocate_refit_receive")
-            received = llm.collective_rpc("colocate_received_fingerprints")
-            for conn, got in zip(conns, received, strict=True):
+            for e in engines:
+                e.send(("serve", msgs[0][1]))
+            received = [got for e in engines for got in _recv(e, procs)[1]]  # engine-major, then TP rank
+            for conn, got in zip(trainers, received, strict=True):
                 conn.send(got)
-            msgs = [recv(c) for c in conns]
+            msgs = [_recv(c, procs) for c in trainers]
         if {m[0] for m in msgs} != {"row"}:
             raise RuntimeError(f"trainers out of step: {[m[0] for m in msgs]}")
         row = _merge([m[1] for m in msgs])
@@ -301,8 +340,6 @@ def _serve(llm, conns, procs) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from colocate.engine.vllm_engine import make_llm, shutdown_llm
-
     training = args.policy == "fsdp2"
     known = TRAINING_METHODS if training else METHODS
     methods = [m.strip() for m in (args.methods or ",".join(known)).split(",") if m.strip()]
@@ -312,9 +349,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     first, floor = ("policy", "floor_gather") if training else ("colocate", "floor")
     if floor in methods and (first not in methods or methods.index(floor) < methods.index(first)):
         raise SystemExit(f"the {floor} row copies the slices `{first}` was told: list {first} before {floor}")
-    tp = args.engine_tp
-    if args.device == "cuda" and torch.cuda.device_count() < tp:
-        raise SystemExit(f"--engine-tp {tp} needs {tp} GPUs, {torch.cuda.device_count()} visible")
+    tp, n_engines = args.engine_tp, args.engines
+    ranks = tp * n_engines
+    if args.device == "cuda" and torch.cuda.device_count() < ranks:
+        raise SystemExit(f"{n_engines} engine(s) of TP {tp} need {ranks} GPUs, {torch.cuda.device_count()} visible")
     # In training the engine is bf16 beside fp32 master weights, on CPU too (the cast is part of the path).
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" or training else "float32")
     model_dir, has_weights = resolve_model(args.model)
@@ -323,46 +361,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "python -m colocate.models.random_init --shapes <shape set> --out DIR")
     meta = param_meta(model_dir, getattr(torch, dtype))
     job_dir, token = new_job_dir(), new_token()
-    t = time.perf_counter()
-    llm = make_llm(str(model_dir), dtype=dtype, load_format="auto" if has_weights else "dummy", seed=0,
-                   max_model_len=256, kv_cache_memory_bytes=(1 << 30) if args.device == "cuda" else None,
-                   tensor_parallel_size=tp, worker_extension_cls=EXT, skip_tokenizer_init=True)
-    print(f"engine (TP={tp}) up in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
-    infos = llm.collective_rpc("colocate_refit_open", args=("zmq",), kwargs=dict(
-        job="bench", token=token, job_dir=job_dir, timeout_s=args.timeout))
-    ctx = mp.get_context("spawn")
-    pipes = [ctx.Pipe() for _ in range(tp)]
-    buffer_bytes = int(args.buffer_mb * (1 << 20))
     shared = dict(device=args.device, meta=meta, dtype=dtype, repeats=args.repeats, methods=methods,
-                  addresses=[i["address"] for i in infos], token=token, job_dir=job_dir,
-                  buffer_bytes=buffer_bytes, timeout=args.timeout, policy=args.policy, model_dir=str(model_dir),
+                  token=token, job_dir=job_dir, buffer_bytes=int(args.buffer_mb * (1 << 20)), timeout=args.timeout,
+                  policy=args.policy, model_dir=str(model_dir), has_weights=has_weights, engine_tp=tp,
                   master_port=_free_port())
-    procs = [ctx.Process(target=trainer_main, args=(child, r, shared), daemon=True)
-             for r, (_, child) in enumerate(pipes)]
-    for p in procs:
-        p.start()
-    conns = [parent for parent, _ in pipes]
+    ctx = mp.get_context("spawn")
+    procs: list[Any] = []
+    engines, trainers = [], []
+    t = time.perf_counter()
     try:
-        ready = [c.recv() for c in conns]
-        fatal = next((m for m in ready if m[0] == "fatal"), None)
-        if fatal is not None:
-            raise RuntimeError(fatal[1])
+        for e in range(n_engines):
+            conn, child = ctx.Pipe()
+            # not a daemon: a TP engine starts worker processes of its own (killed in `finally` if need be)
+            procs.append(ctx.Process(target=engine_main, args=(child, e, shared)))
+            procs[-1].start()
+            engines.append(conn)
+        shared["addresses"] = [a for conn in engines for a in _recv(conn, procs)[1]]
+        print(f"{n_engines} engine(s) of TP {tp} up in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+        for r in range(ranks):
+            conn, child = ctx.Pipe()
+            procs.append(ctx.Process(target=trainer_main, args=(child, r, shared), daemon=True))
+            procs[-1].start()
+            trainers.append(conn)
+        ready = [_recv(c, procs) for c in trainers]
         _, total_bytes, n_tensors = ready[0]
-        print(f"{args.model}: {n_tensors} tensors, {total_bytes / 1e9:.2f} GB {dtype}, TP={tp}", file=sys.stderr)
-        rows = _serve(llm, conns, procs)
+        print(f"{args.model}: {n_tensors} tensors, {total_bytes / 1e9:.2f} GB {dtype}", file=sys.stderr)
+        rows = _coordinate(engines, trainers, procs)
     finally:
+        for conn in engines:
+            with contextlib.suppress(OSError):
+                conn.send(("stop",))
         for p in procs:
-            p.join(30)
+            p.join(60)
             if p.is_alive():
                 p.kill()
-        llm.collective_rpc("colocate_refit_close")
-        shutdown_llm(llm)
         shutil.rmtree(job_dir, ignore_errors=True)
-    report = _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, prog="colocate.bench.refit_tp")
-    trainers = f"an FSDP2 policy over {tp} ranks" if training else f"{tp} trainers"
-    report.update(mode=f"one TP={tp} engine, {trainers} (one per device)", engine_tp=tp)
+    report = _report(args, dtype, total_bytes, n_tensors, shared["buffer_bytes"], rows, prog="colocate.bench.refit_tp")
+    trainers_are = f"an FSDP2 policy over {ranks} ranks" if training else f"{ranks} trainers"
+    report.update(mode=f"{n_engines} engine(s) of TP {tp}, {trainers_are} (one per device)", engine_tp=tp,
+                  engines=n_engines)
     if args.device == "cuda":
-        report["device"] = f"{tp} x {report['device']}"
+        report["device"] = f"{ranks} x {report['device']}"
     return report
 
 

@@ -21,6 +21,13 @@ weights() {
     --dtype float32 --device cuda
 }
 
+# Llama-3-8B shapes with random bf16 weights in /tmp/llama-random, drawn on the GPU when absent.
+llama_weights() {
+  [ -f /tmp/llama-random/config.json ] && return 0
+  bounded 240 "$OUT/random_init_llama.log" python -m colocate.models.random_init --shapes llama3-8b \
+    --out /tmp/llama-random --dtype bfloat16 --device cuda
+}
+
 # step_metrics METRICS_JSONL [KEY...]: each GRPO step's KEYs (default: step, step_s and every refit_* key).
 step_metrics() {
   python - "$@" <<'EOF'

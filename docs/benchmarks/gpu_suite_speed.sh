@@ -9,6 +9,8 @@
 #   ab      #11: the same colocated (and, on 2 GPUs, split) rows from the code before the refit layer's move
 #           (.ab/old = e9aebc6: mkdir -p .ab/old && git archive e9aebc6 colocate | tar -x -C .ab/old)
 #   grpo    3 steps of +recipe=grpo_gpu on Qwen2.5-1.5B shapes (the in-training refit from the run's metrics)
+#   train2  2 GPUs, #15: the in-training bench over 2 ranks: FSDP2 over 2 GPUs (Llama-3-8B shapes) into 2 colocated
+#           engines, beside one all-gather + copy (colocate.bench.refit_tp --engines 2 --engine-tp 1)
 #   grpo8b  2 GPUs: 3 steps of +recipe=grpo_gpu on Llama-3-8B shapes, FSDP2 over 2 ranks with 2 colocated engines
 #           (#15's 2-GPU in-training refit, goal <= 40 ms); random bf16 weights drawn on the GPU first
 #   tp      2 GPUs, #14: FSDP2 over 2 GPUs with one TP=2 vLLM engine colocated: colocate.check (greedy vs HF
@@ -31,7 +33,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 
 source "$(dirname "$0")/gpu_common.sh"  # bounded, weights, step_metrics
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|bench|train|ab|grpo|grpo8b|tp|tptrain|tpgrpo|math|kl [...]"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|bench|train|train2|ab|grpo|grpo8b|tp|tptrain|tpgrpo|math|kl [...]"; exit 2; }
 for mode in "$@"; do
   case $mode in
   tests)
@@ -106,10 +108,16 @@ for mode in "$@"; do
       step_metrics "$OUT/grpo_engine_tp2_$sliced/metrics.jsonl"
     done
     ;;
+  train2)
+    llama_weights
+    bounded 420 "$OUT/training_2gpu_llama3-8b.log" python -m colocate.bench.refit_tp --device cuda \
+      --model /tmp/llama-random --engines 2 --engine-tp 1 --policy fsdp2 --methods policy,floor_gather \
+      --repeats 10 --json "$OUT/training_2gpu_llama3-8b.json"
+    grep -A5 "median of" "$OUT/training_2gpu_llama3-8b.log"
+    ;;
   grpo8b)
     L=/tmp/llama-random
-    [ -f $L/config.json ] || bounded 240 "$OUT/random_init_llama.log" python -m colocate.models.random_init \
-      --shapes llama3-8b --out $L --dtype bfloat16 --device cuda
+    llama_weights
     bounded 420 "$OUT/grpo_llama_2gpu.log" python -m colocate.run +recipe=grpo_gpu model.path=$L \
       placement.ray_address=local placement.policy_workers=2 placement.generation_workers=2 algorithm.steps=3 \
       algorithm.prompts_per_step=32 algorithm.max_new_tokens=256 generation.gpu_memory_utilization=0.25 \

@@ -268,27 +268,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _policy_trainer(conn, a: dict[str, Any]) -> None:
-    """The in-training mode's trainer: a one-rank FSDP2 policy; see the module docstring."""
+def fsdp2_trainer(model_dir: str, device: str, dtype: torch.dtype, rank: int = 0, world_size: int = 1,
+                  master_port: int | None = None):
+    """The in-training modes' trainer: rank `rank` of a real FSDP2 policy (fp32 master weights, bf16
+    compute), the meta of what it streams, and `perturb()`: what an optimizer step does to the weights
+    (all of them change, in place; each call differently)."""
     from colocate.policy.worker import PolicyWorker
-    from colocate.refit.checksum import fingerprint
-    from colocate.refit.ipc.sender import RefitSender
     from colocate.refit.plan import manifest_meta_of
 
-    device, repeats = a["device"], a["repeats"]
-    dtype = getattr(torch, a["dtype"])
-    worker = PolicyWorker(model_path=a["model_dir"], rank=0, world_size=1, master_addr="127.0.0.1",
-                          master_port=_free_port(), device=device, param_dtype="bfloat16")
-    meta = manifest_meta_of(worker.weights_manifest(dtype))
-    params = [p for p in worker.model.parameters()]
+    worker = PolicyWorker(model_path=model_dir, rank=rank, world_size=world_size, master_addr="127.0.0.1",
+                          master_port=master_port or _free_port(), device=device, param_dtype="bfloat16")
+    params = list(worker.model.parameters())
     step = [0]
 
-    def perturb() -> None:  # what an optimizer step does to the weights: all of them change, in place
+    def perturb() -> None:
         step[0] += 1
         with torch.no_grad():
             for p in params:
                 p.to_local().mul_(1.0 + 2.0 ** -(4 + step[0] % 3))
-        _sync(device)
+        _sync(str(worker.device))
+
+    return worker, manifest_meta_of(worker.weights_manifest(dtype)), perturb
+
+
+def _policy_trainer(conn, a: dict[str, Any]) -> None:
+    """The in-training mode's trainer: a one-rank FSDP2 policy; see the module docstring."""
+    from colocate.refit.checksum import fingerprint
+    from colocate.refit.ipc.sender import RefitSender
+
+    device, repeats = a["device"], a["repeats"]
+    dtype = getattr(torch, a["dtype"])
+    worker, meta, perturb = fsdp2_trainer(a["model_dir"], device, dtype)
+    params = list(worker.model.parameters())
 
     def weights_fps() -> dict[str, str]:
         return {n: fingerprint(t) for n, t in worker.iter_weights(dtype)}
@@ -400,11 +411,10 @@ def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
             raise RuntimeError(f"trainer process failed:\n{msg[1]}")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from colocate.engine.vllm_engine import make_llm, shutdown_llm
-
-    training = args.policy == "fsdp2"
-    known = TRAINING_METHODS if training else ALL_METHODS
+def plan_run(args: argparse.Namespace, known: tuple[str, ...]) -> tuple[list[str], str, Path, bool, Any]:
+    """What a run of the refit benches times, checked before anything starts: (methods, dtype, model
+    directory, whether it holds weights, the (name, shape) of every tensor)."""
+    training = getattr(args, "policy", "none") == "fsdp2"
     methods = [m.strip() for m in (args.methods or ",".join(known)).split(",") if m.strip()]
     unknown = sorted(set(methods) - set(known))
     if unknown:
@@ -415,7 +425,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if training and not has_weights:
         raise SystemExit(f"--policy fsdp2 needs weights in --model ({model_dir}); build random ones with "
                          "python -m colocate.models.random_init --shapes <shape set> --out DIR")
-    meta = param_meta(model_dir, getattr(torch, dtype))
+    return methods, dtype, model_dir, has_weights, param_meta(model_dir, getattr(torch, dtype))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from colocate.engine.vllm_engine import make_llm, shutdown_llm
+
+    training = args.policy == "fsdp2"
+    methods, dtype, model_dir, has_weights, meta = plan_run(args, TRAINING_METHODS if training else ALL_METHODS)
     job_dir, token = new_job_dir(), new_token()
     extra: dict[str, Any] = {}
     if args.device == "cuda" and any(m in NATIVE_METHODS for m in methods):

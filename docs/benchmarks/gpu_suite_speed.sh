@@ -10,12 +10,12 @@
 #           (.ab/old = e9aebc6: mkdir -p .ab/old && git archive e9aebc6 colocate | tar -x -C .ab/old)
 #   grpo    3 steps of +recipe=grpo_gpu on Qwen2.5-1.5B shapes (the in-training refit from the run's metrics)
 #   train2  2 GPUs, #15: the in-training bench over 2 ranks: FSDP2 over 2 GPUs (Llama-3-8B shapes) into 2 colocated
-#           engines, beside one all-gather + copy (colocate.bench.refit_tp --engines 2 --engine-tp 1)
+#           engines, beside one all-gather + copy (colocate.bench.refit_ranks --engines 2 --engine-tp 1)
 #   grpo8b  2 GPUs: 3 steps of +recipe=grpo_gpu on Llama-3-8B shapes, FSDP2 over 2 ranks with 2 colocated engines
 #           (#15's 2-GPU in-training refit, goal <= 40 ms); random bf16 weights drawn on the GPU first
 #   tp      2 GPUs, #14: FSDP2 over 2 GPUs with one TP=2 vLLM engine colocated: colocate.check (greedy vs HF
 #           after a refit of perturbed weights), then the TP refit bench on Llama-3-8B shapes (shard-sliced,
-#           whole, in place, floors: colocate.bench.refit_tp)
+#           whole, in place, floors: colocate.bench.refit_ranks)
 #   tptrain 2 GPUs, #14/#15: the TP refit bench in training, an FSDP2 policy over 2 GPUs (Qwen2.5-1.5B shapes)
 #           into one TP=2 engine: shard-sliced, whole, floor (one all-gather + the slices copied out)
 #   tpgrpo  2 GPUs, #14: 3 GRPO steps with one TP=2 engine beside FSDP2 over 2 GPUs, shard-sliced then whole
@@ -87,13 +87,13 @@ for mode in "$@"; do
     bounded 200 "$OUT/check_engine_tp2.log" python -m colocate.check $MODEL --refit --device cuda --transport zmq \
       --workers 2 --engine-tp 2 --dtype bfloat16 --timeout-s 60 --verbose --json "$OUT/check_engine_tp2.json"
     grep -E "^  (ok|MISMATCH|skipped)|^\[|cannot|Error" "$OUT/check_engine_tp2.log" | grep -v Warning | tail -8
-    bounded 300 "$OUT/refit_tp2_llama3-8b.log" python -m colocate.bench.refit_tp --device cuda --model llama3-8b \
+    bounded 300 "$OUT/refit_tp2_llama3-8b.log" python -m colocate.bench.refit_ranks --device cuda --model llama3-8b \
       --engine-tp 2 --repeats 20 --json "$OUT/refit_tp2_llama3-8b.json"
     grep -A8 "median of" "$OUT/refit_tp2_llama3-8b.log"
     ;;
   tptrain)
     weights
-    bounded 300 "$OUT/training_tp2_qwen2.5-1.5b.log" python -m colocate.bench.refit_tp --device cuda --model $MODEL \
+    bounded 300 "$OUT/training_tp2_qwen2.5-1.5b.log" python -m colocate.bench.refit_ranks --device cuda --model $MODEL \
       --engine-tp 2 --policy fsdp2 --repeats 20 --json "$OUT/training_tp2_qwen2.5-1.5b.json"
     grep -A6 "median of" "$OUT/training_tp2_qwen2.5-1.5b.log"
     ;;
@@ -110,7 +110,7 @@ for mode in "$@"; do
     ;;
   train2)
     llama_weights
-    bounded 420 "$OUT/training_2gpu_llama3-8b.log" python -m colocate.bench.refit_tp --device cuda \
+    bounded 420 "$OUT/training_2gpu_llama3-8b.log" python -m colocate.bench.refit_ranks --device cuda \
       --model /tmp/llama-random --engines 2 --engine-tp 1 --policy fsdp2 --methods policy,floor_gather \
       --repeats 10 --json "$OUT/training_2gpu_llama3-8b.json"
     grep -A5 "median of" "$OUT/training_2gpu_llama3-8b.log"

@@ -1,13 +1,15 @@
-"""Refit benchmark over several devices: `--engines` E vLLM engines of `--engine-tp` T workers each, each in
-a process of its own, and K = E * T trainer processes, trainer r on the device of worker r (engine r // T,
-TP rank r % T; GPU r; on CPU all share the host), each holding the whole model (as every FSDP2 rank does once
-it has gathered) and refitting the worker beside it, all at once. A tensor-parallel engine (T > 1) is refit
-shard-sliced by default; data-parallel engines (T = 1) each take the whole model.
+"""Refit benchmark over several devices, one policy rank per device: `--engines` E vLLM engines of
+`--engine-tp` T workers each, each in a process of its own, and K = E * T trainer processes, trainer r on
+the device of worker r (engine r // T, TP rank r % T; GPU r; on CPU all share the host), each holding the
+whole model (as every FSDP2 rank does once it has gathered) and refitting the worker beside it, all at once.
+A tensor-parallel engine (T > 1) is refit shard-sliced by default; data-parallel engines (T = 1) each take
+the whole model.
 
-    python -m colocate.bench.refit_tp --device cuda --model llama3-8b --engine-tp 2 --repeats 20 --json out.json
-    python -m colocate.bench.refit_tp --device cpu --model tiny --engine-tp 2 --repeats 3 --json out.json
-    python -m colocate.bench.refit_tp --device cuda --model /tmp/qwen-random --engine-tp 2 --policy fsdp2 --json o.json
-    python -m colocate.bench.refit_tp --device cuda --model /tmp/llama-random --engines 2 --engine-tp 1 \
+    python -m colocate.bench.refit_ranks --device cuda --model llama3-8b --engine-tp 2 --repeats 20 --json out.json
+    python -m colocate.bench.refit_ranks --device cpu --model tiny --engine-tp 2 --repeats 3 --json out.json
+    python -m colocate.bench.refit_ranks --device cuda --model /tmp/qwen-random --engine-tp 2 --policy fsdp2 \
+        --json o.json
+    python -m colocate.bench.refit_ranks --device cuda --model /tmp/llama-random --engines 2 --engine-tp 1 \
         --policy fsdp2 --json o.json       # FSDP2 over 2 GPUs into 2 colocated engines (issue #15's 2-GPU row)
 
 Methods (warm-up first, then `--repeats` timed refits; a refit's time is its slowest rank's):
@@ -65,7 +67,7 @@ TRAINING_METHODS = ("policy", "policy_whole", "floor_gather")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m colocate.bench.refit_tp", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m colocate.bench.refit_ranks", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="tiny", help="tiny | llama3-8b | qwen2.5-1.5b | a HF directory")
     p.add_argument("--engine-tp", type=int, default=2, help="each engine's tensor-parallel size")
@@ -382,7 +384,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if p.is_alive():
                 p.kill()
         shutil.rmtree(job_dir, ignore_errors=True)
-    report = _report(args, dtype, total_bytes, n_tensors, shared["buffer_bytes"], rows, prog="colocate.bench.refit_tp")
+    report = _report(args, dtype, total_bytes, n_tensors, shared["buffer_bytes"], rows,
+                     prog="colocate.bench.refit_ranks")
     trainers_are = f"an FSDP2 policy over {ranks} ranks" if training else f"{ranks} trainers"
     report.update(mode=f"{n_engines} engine(s) of TP {tp}, {trainers_are} (one per device)", engine_tp=tp,
                   engines=n_engines)

@@ -143,7 +143,8 @@ class RefitExtension:
         self._colocate_record = record
 
     def colocate_received_fingerprints(self) -> dict[str, str]:
-        """What the last refit handed to the engine, per tensor (with `record=True`)."""
+        """What the last refit handed to the engine, per tensor (with `record=True`); of a shard-sliced
+        tensor, its slice's fingerprint followed by "@dim:start:length"."""
         return dict(getattr(self, "_colocate_seen", {}))
 
     def colocate_refit_set_load_mode(self, mode: str) -> None:

@@ -86,19 +86,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _expected(tensors: dict[str, torch.Tensor], received: dict[str, str]) -> dict[str, str]:
-    """What each received fingerprint should be: of the tensor, or of the slice its "@dim:start:length" names."""
-    from colocate.refit.checksum import fingerprint
+    """What each received fingerprint should be: of the tensor, or of the slice it names."""
+    from colocate.refit.checksum import expected_fingerprint
 
-    out = {}
-    for name, fp in received.items():
-        t = tensors[name]
-        _, _, piece = fp.partition("@")
-        if piece:
-            d, s, n = (int(x) for x in piece.split(":"))
-            out[name] = f"{fingerprint(t.narrow(d, s, n))}@{piece}"
-        else:
-            out[name] = fingerprint(t)
-    return out
+    return {name: expected_fingerprint(tensors[name], fp) for name, fp in received.items()}
 
 
 def _sent(timed: list, received: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import hashlib
 
 import torch
 
+from colocate.refit.slices import Slice
+
 
 def checksum(data_u8: torch.Tensor) -> int:
     """Sum of the bytes read as int32 words (and the tail as bytes), in int64: no copy of the data."""
@@ -28,3 +30,18 @@ def fingerprint(t: torch.Tensor) -> str:
         return f"sum:{checksum(t.contiguous().view(-1).view(torch.uint8))}"
     flat = t.detach().contiguous().view(-1)
     return "sha256:" + hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+
+
+def received_fingerprint(data: torch.Tensor, piece: Slice | None) -> str:
+    """How an engine records what arrived for a tensor: its fingerprint, and for a shard-sliced tensor (`data`
+    is then the slice) "@dim:start:length" naming the slice."""
+    return fingerprint(data) + ("" if piece is None else f"@{piece.dim}:{piece.start}:{piece.length}")
+
+
+def expected_fingerprint(tensor: torch.Tensor, received: str) -> str:
+    """What `received` (a `received_fingerprint`) must read if it came from the whole `tensor`."""
+    _, _, named = received.partition("@")
+    if not named:
+        return received_fingerprint(tensor, None)
+    piece = Slice(*(int(x) for x in named.split(":")))
+    return received_fingerprint(piece.of(tensor), piece)

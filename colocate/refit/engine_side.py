@@ -26,7 +26,7 @@ import ray
 import torch
 
 from colocate.engine import vllm_engine
-from colocate.refit.checksum import fingerprint
+from colocate.refit.checksum import fingerprint, received_fingerprint
 from colocate.refit.ipc.receiver import RefitReceiver
 from colocate.refit.nccl.group import CONNECT_TIMEOUT_S
 from colocate.refit.nccl.receiver import BroadcastReceiver
@@ -105,9 +105,7 @@ class RefitExtension:
         """`dtype`: cast every tensor to it on the way in (a one-copy refit from fp32 master weights)."""
         if self._colocate_record:  # a shard-sliced tensor: its slice, which is what arrived
             for n, t in weights:
-                data, piece = slice_data(t if dtype is None else t.to(dtype))
-                self._colocate_seen[n] = fingerprint(data) + ("" if piece is None else
-                                                              f"@{piece.dim}:{piece.start}:{piece.length}")
+                self._colocate_seen[n] = received_fingerprint(*slice_data(t if dtype is None else t.to(dtype)))
         vllm_engine.load_weights_into_worker(self, weights, dtype=dtype)
 
     def colocate_refit_set_master(self, master: tuple[str, int]) -> None:

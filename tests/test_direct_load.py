@@ -2,9 +2,11 @@
 parameters, a padded vocabulary keeps its padding, a wider float source is cast as it is copied, and anything
 it cannot place goes to vLLM's own loader. The loader is device-agnostic; here it runs on CPU tensors."""
 
+import pytest
 import torch
 from torch import nn
 
+from colocate.engine import direct_load
 from colocate.engine.direct_load import DirectLoader
 
 
@@ -32,7 +34,10 @@ class _Model(nn.Module):
         self.loaded_by_vllm += [n for n, _ in weights]
 
 
-def test_direct_loader_places_every_tensor_exactly():
+@pytest.mark.parametrize("foreach_max_bytes", [direct_load.FOREACH_MAX_BYTES, 0, 64],
+                         ids=["small-in-one-launch", "each-its-own-copy", "mixed"])
+def test_direct_loader_places_every_tensor_exactly(monkeypatch, foreach_max_bytes):
+    monkeypatch.setattr(direct_load, "FOREACH_MAX_BYTES", foreach_max_bytes)
     model = _Model()
     loader = DirectLoader(model)
     g = torch.Generator().manual_seed(0)

@@ -83,7 +83,7 @@ def test_failed_refit_raises_one_error_and_loses_nothing(pair, models, hf):
         refit(engine, sender, models[1], corrupt="model.layers.1.mlp.up_proj.weight")
     msg = str(info.value)
     assert "up_proj" in msg and "shape" in msg and "sender.py\", line" in msg  # the remote traceback
-    assert "(and then on: receiver)" in msg  # the engine's update task failed too, not hung
+    assert "(and then on the receiver: " in msg  # the engine's update task failed too (and said what), not hung
     refit(engine, sender, models[1])  # the pair still works
     assert ray.get(engine.greedy.remote(prompt_ids, MAX_TOKENS)) == want[1]
 

@@ -270,6 +270,9 @@ def _engine(conn, index: int, a: dict[str, Any]) -> None:
     tp = a["engine_tp"]
     if a["device"] == "cuda":  # before CUDA is first touched in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(index * tp + r) for r in range(tp))
+        # vLLM forks its TP workers unless told otherwise, and this process has CUDA set up by then (measured
+        # on an H200 pair: "Cannot re-initialize CUDA in forked subprocess"); in a Ray actor vLLM spawns itself.
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     from colocate.engine.vllm_engine import make_llm, shutdown_llm
 
     llm = make_llm(a["model_dir"], dtype=a["dtype"], load_format="auto" if a["has_weights"] else "dummy", seed=0,

@@ -27,6 +27,9 @@ import torch
 
 from colocate.refit.slices import slice_data
 
+# Tensors from this size up are copied one by one (see `DirectLoader.load`).
+FOREACH_MAX_BYTES = 16 << 20
+
 SUPPORTED = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
 
 
@@ -92,22 +95,26 @@ class DirectLoader:
         """`dtype`: what the tensors stand for; a wider float source is cast by the copy into a parameter of
         that dtype (round to nearest, as `.to(dtype)`), and cast first on vLLM's loader path.
 
-        The copies of one source dtype go out as one multi-tensor launch (`torch._foreach_copy_`): a refit of
-        Qwen2.5-1.5B is 338 tensors, and 338 launches cost more than the copies themselves (measured: the
-        engine's load 5.2 ms against 3.3 ms for the same copies issued back to back in one process).
+        Small tensors of one source dtype go out as one multi-tensor launch (`torch._foreach_copy_`), large
+        ones one copy each. Measured on an H200 (docs/benchmarks/2026-12-01-refit-speed-h200-s7): a copy per
+        tensor costs Qwen2.5-1.5B's 338 tensors 5.2 ms of engine load against a 3.3 ms floor (launches and
+        Python per tensor), while one foreach launch for all of Llama-3-8B's 16 GB loaded in 12 ms against 8.8
+        ms one copy each (its kernel walks big tensors in chunks, slower than a plain copy).
         Returns how many tensors went to vLLM's loader instead."""
-        copies: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        small: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         rest = []
         for name, t in weights:
             data, piece = slice_data(t)  # a shard-sliced tensor: the slice that arrived
             d = self._destination(name, data, dtype, sliced=piece is not None)
             if d is None:
                 rest.append((name, t if dtype is None else t.to(dtype)))
-                continue
-            dsts, srcs = copies.setdefault(data.dtype, ([], []))
-            dsts.append(d)
-            srcs.append(data)
-        for dsts, srcs in copies.values():
+            elif d.numel() * d.element_size() >= FOREACH_MAX_BYTES:
+                d.copy_(data, non_blocking=True)
+            else:
+                dsts, srcs = small.setdefault(data.dtype, ([], []))
+                dsts.append(d)
+                srcs.append(data)
+        for dsts, srcs in small.values():
             torch._foreach_copy_(dsts, srcs, non_blocking=True)
         if rest:
             self.model.load_weights(weights=rest)

@@ -194,6 +194,7 @@ class GenerationWorker:
         async engine's workers live in a child process that is not connected to Ray)."""
         from colocate.rendezvous import lookup_master
 
+        t0 = time.perf_counter()
         self._check_weights_awake()
         if self._refit_transport is None:
             raise RuntimeError(f"worker {self.index}: open_refit was not called")
@@ -201,8 +202,10 @@ class GenerationWorker:
             master = lookup_master(self._refit_job, self._connect_timeout_s)
             self._backend.call_workers("colocate_refit_set_master", master)
             self._master_known = True
-        stats = self._backend.update_weights("colocate_refit_receive", refit=refit, timeout_s=timeout_s)[0]
+        stats = dict(self._backend.update_weights("colocate_refit_receive", refit=refit, timeout_s=timeout_s)[0])
         self._refilled()
+        # The whole task (prefix-cache reset and refill check included), beside the receiver's own load time.
+        stats["task_seconds"] = time.perf_counter() - t0
         return stats
 
     def close_refit(self) -> None:

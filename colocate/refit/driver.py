@@ -31,7 +31,8 @@ def run_refit(policy_workers: Sequence[Any], generation: Any, *, rendezvous: Any
     together and awaited (bounded by 3 x the transport's `timeout_s`); `rendezvous`: the job's, where a
     failed refit is marked aborted. Returns the time it took and its parts (the slowest sender's gather /
     pack / wait for the engines, the slowest engine's load), in ms; the most any sender sent, in MiB, and of
-    how many tensors it sent only a slice (shard-sliced, tensor-parallel engines)."""
+    how many tensors it sent only a slice (shard-sliced, tensor-parallel engines); the slowest sender's and
+    engine's whole task."""
     t = time.perf_counter()
     senders = [w.stream_refit.remote(refit) for w in policy_workers]
     receivers = generation.receive_refit_futures(refit)
@@ -48,6 +49,10 @@ def run_refit(policy_workers: Sequence[Any], generation: Any, *, rendezvous: Any
     got = [s for s in out["receiver"] if s]
     if got:
         parts["refit_load_ms"] = max(s["load_seconds"] for s in got) * 1e3
+    # Each side's whole task: what refit_ms holds beyond them is Ray's launch and return of the tasks.
+    for side, done in (("sender", sent), ("receiver", got)):
+        if done and all("task_seconds" in s for s in done):
+            parts[f"refit_{side}_task_ms"] = max(s["task_seconds"] for s in done) * 1e3
     return parts
 
 
@@ -89,8 +94,10 @@ def await_refit(futures: dict[str, list[ray.ObjectRef]], timeout_s: float,
                 failures.append((side_of[ref], e))
     if failures:
         side, e = _origin(failures)
-        others = ", ".join(sorted({s for s, _ in failures if s != side}))
-        msg = f"refit failed on the {side} side" + (f" (and then on: {others})" if others else "")
+        # What each other side said, in a line: the first error alone can hide where a failure began.
+        said = {s: _one_line(x) for s, x in reversed(failures) if s != side}
+        others = "; ".join(f"{s}: {said[s]}" for s in sorted(said))
+        msg = f"refit failed on the {side} side" + (f" (and then on the {others})" if others else "")
         if pending:
             msg += f" (still running: {', '.join(sorted({side_of[r] for r in pending}))})"
         cause = getattr(e, "cause", None)
@@ -115,6 +122,12 @@ def await_refit(futures: dict[str, list[ray.ObjectRef]], timeout_s: float,
         raise RefitTimeoutError(f"refit did not finish within {timeout_s:.1f}s; still running: {stuck}",
                                 side=",".join(stuck))
     return {side: [results[r] for r in refs] for side, refs in futures.items()}
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    cause = getattr(e, "cause", None) or e
+    text = getattr(cause, "message", None) or str(cause).split("\n", 1)[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _traceback_of(e: BaseException) -> str:

@@ -15,6 +15,7 @@ parameters kept there) is read in place by the engine over zmq (`ipc/sender.py`)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
@@ -114,7 +115,11 @@ class StreamsRefits:
         """This rank's half of refit number `refit` (the driver launches it with the engines' half)."""
         if self._refit is None:
             raise RuntimeError("open_refit was not called on this policy worker")
-        return self._refit.stream(refit)
+        t0 = time.perf_counter()
+        stats = self._refit.stream(refit)
+        if stats is not None:
+            stats["task_seconds"] = time.perf_counter() - t0  # the backend's weight lookup included
+        return stats
 
     def close_refit(self) -> None:
         if self._refit is not None:

@@ -20,8 +20,8 @@
 #           into one TP=2 engine: shard-sliced, whole, floor (one all-gather + the slices copied out)
 #   tpgrpo  2 GPUs, #14: 3 GRPO steps with one TP=2 engine beside FSDP2 over 2 GPUs, shard-sliced then whole
 #   math    3 steps of +recipe=grpo_math on the GSM8K fixture (#13); needs math-verify: carry .devpkgs/extra
-#           (wheels from `pip download --no-deps -d .devpkgs/extra math-verify latex2sympy2_extended
-#           antlr4-python3-runtime==4.13.2`: .devpkgs/ is not in git), installed here when present
+#           (wheels from `pip download --no-deps -d .devpkgs/extra math-verify latex2sympy2_extended`;
+#           the bundle's antlr4 4.9.3 serves both it and omegaconf; .devpkgs/ is not in git), installed when present
 #   kl      #13's reference KL cost: 3 steps of +recipe=grpo_gpu with policy.kl_coef=0.05 (reference_gb,
 #           policy_peak_gb, reference_s in its metrics) beside the same run without it
 set -u
@@ -84,7 +84,7 @@ for mode in "$@"; do
     ;;
   tp)
     weights
-    bounded 200 "$OUT/check_engine_tp2.log" python -m colocate.check $MODEL --refit --device cuda --transport zmq \
+    bounded 320 "$OUT/check_engine_tp2.log" python -m colocate.check $MODEL --refit --device cuda --transport zmq \
       --workers 2 --engine-tp 2 --dtype bfloat16 --timeout-s 60 --verbose --json "$OUT/check_engine_tp2.json"
     grep -E "^  (ok|MISMATCH|skipped)|^\[|cannot|Error" "$OUT/check_engine_tp2.log" | grep -v Warning | tail -8
     bounded 300 "$OUT/refit_tp2_llama3-8b.log" python -m colocate.bench.refit_ranks --device cuda --model llama3-8b \

@@ -103,6 +103,7 @@ class RefitSender:
         self._sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_FRAME_BYTES)
         self._sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         self._sock.connect(address)
+        self.address = address
 
     # -- socket ------------------------------------------------------------------------------------------
     def _send(self, msg: wire.ToReceiver) -> None:
@@ -122,8 +123,8 @@ class RefitSender:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RefitTimeoutError(
-                    f"sender: no ack for message {seq} of refit {self._refit_id} within {self.timeout_s:.1f}s "
-                    "(receiver dead or stuck?)", side="sender")
+                    f"sender: no ack for message {seq} of refit {self._refit_id} from {self.address} within "
+                    f"{self.timeout_s:.1f}s (receiver dead or stuck?)", side="sender")
             if not self._sock.poll(int(min(left, ABORT_POLL_S) * 1000)):
                 if self._abort_fn is not None and self._abort_fn():
                     raise RefitAbortedError(f"sender: refit {self._refit_id} aborted by the driver (the "

@@ -141,11 +141,15 @@ class PolicyWorker(StreamsRefits):
             min_lr_ratio=min_lr_ratio,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        # The KL term's reference: the initial weights, sharded like the policy, frozen, no optimizer.
+        # The KL term's reference: the initial weights, sharded like the policy, frozen, no optimizer. Kept in
+        # `param_dtype`: it only runs forwards, which FSDP2 computes in that dtype from the fp32 weights anyway
+        # (the same rounding), so bf16 halves its memory and gives the policy's initial logprobs bit for bit
+        # (tests/policy/test_reference_kl.py).
         self.reference: nn.Module | None = None
         if reference:
             ref = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=torch.float32, attn_implementation=_attention_for(model_path, attn_implementation)
+                model_path, dtype=self.param_dtype,
+                attn_implementation=_attention_for(model_path, attn_implementation)
             )
             ref.config.use_cache = False
             self.reference = self._shard(ref.requires_grad_(False).eval(), self.param_dtype)

@@ -27,18 +27,24 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
 
 
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def param_dtype(request: pytest.FixtureRequest) -> str:
+    """The policy's compute dtype (its master weights are fp32 either way); the reference is kept in it."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def group(model_path: Path) -> Iterator[PolicyGroup]:
+def group(param_dtype: str, model_path: Path) -> Iterator[PolicyGroup]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     g = PolicyGroup(num_workers=2, num_cpus_per_worker=0.5, env_vars={"OMP_NUM_THREADS": "1"}, call_timeout_s=120,
-                    model_path=str(model_path), device="cpu", param_dtype="float32", lr=1e-3, micro_batch_size=2,
-                    kl_coef=KL_COEF, reference=True, seed=0)
+                    model_path=str(model_path), device="cpu", param_dtype=param_dtype, lr=1e-3,
+                    micro_batch_size=2, kl_coef=KL_COEF, reference=True, seed=0)
     yield g
     g.shutdown()
     ray.shutdown()
 
 
-def test_reference_is_frozen_and_kl_enters_the_loss(group: PolicyGroup, model_path: Path) -> None:
+def test_reference_is_frozen_and_kl_enters_the_loss(group: PolicyGroup, model_path: Path, param_dtype: str) -> None:
     gen = torch.Generator().manual_seed(0)
     ids_BT = torch.randint(3, 512, (B, T), generator=gen)
     attn_BT = torch.ones(B, T, dtype=torch.long)
@@ -59,8 +65,8 @@ def test_reference_is_frozen_and_kl_enters_the_loss(group: PolicyGroup, model_pa
     second = step()
     assert second["kl"] > 1e-6
     assert second["loss"] == pytest.approx(second["pg_loss"] + KL_COEF * second["kl"], rel=1e-4)
-    # Its memory: this rank's shards of the frozen weights, fp32 like the policy's: half the model per rank.
+    # Its memory: this rank's shards of the frozen weights in the compute dtype: half the model per rank.
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters())
-    assert second["reference_gb"] == pytest.approx(n_params * 4 / 2 / 1e9, rel=0.02)
+    assert second["reference_gb"] == pytest.approx(n_params * getattr(torch, param_dtype).itemsize / 2 / 1e9, rel=0.02)
     assert not torch.equal(group.logprobs(ids_BT, attn_BT), initial_BT)  # the policy moved ...
     assert torch.equal(group.reference_logprobs(ids_BT, attn_BT), ref_BT)  # ... the reference did not

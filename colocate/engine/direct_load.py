@@ -96,7 +96,7 @@ class DirectLoader:
         that dtype (round to nearest, as `.to(dtype)`), and cast first on vLLM's loader path.
 
         Small tensors of one source dtype go out as one multi-tensor launch (`torch._foreach_copy_`), large
-        ones one copy each. Measured on an H200 (docs/benchmarks/2026-12-01-refit-speed-h200-s7): a copy per
+        ones one copy each. Measured on an H200 (docs/benchmarks/2026-12-01-refit-speed-h200 and its -s7): a copy per
         tensor costs Qwen2.5-1.5B's 338 tensors 5.2 ms of engine load against a 3.3 ms floor (launches and
         Python per tensor), while one foreach launch for all of Llama-3-8B's 16 GB loaded in 12 ms against 8.8
         ms one copy each (its kernel walks big tensors in chunks, slower than a plain copy).

@@ -108,7 +108,7 @@ class DirectLoader:
             d = self._destination(name, data, dtype, sliced=piece is not None)
             if d is None:
                 rest.append((name, t if dtype is None else t.to(dtype)))
-            elif d.numel() * d.element_size() >= FOREACH_MAX_BYTES:
+            elif d.nbytes >= FOREACH_MAX_BYTES:
                 d.copy_(data, non_blocking=True)
             else:
                 dsts, srcs = small.setdefault(data.dtype, ([], []))

@@ -59,3 +59,35 @@ def test_direct_loader_places_every_tensor_exactly(monkeypatch, foreach_max_byte
         assert torch.equal(model.norm, want["norm"])
         assert model.loaded_by_vllm[-1] == "unknown.weight"
         model.qkv_proj.weight.zero_()
+
+
+def test_same_views_are_planned_once_and_each_load_copies_their_current_values():
+    """The one-copy refit hands over the same views every refit (`SameViews`): the loader works out where
+    each goes once, keeps it with the list, and every load copies what the views hold now; the plan dies
+    with the list (it must not keep the sender's storages open)."""
+    import gc
+    import weakref
+
+    from colocate.refit.schedule import SameViews
+
+    model = _Model()
+    loader = DirectLoader(model)
+    src = {"q_proj.weight": torch.zeros(8, 8, dtype=torch.bfloat16), "norm": torch.zeros(8, dtype=torch.bfloat16),
+           "unknown.weight": torch.ones(3)}
+    views = SameViews(src.items())
+    planned = []
+    real_plan = loader._plan
+    loader._plan = lambda w, d: planned.append(1) or real_plan(w, d)
+    for value in (1.0, 2.0, 3.0):
+        for t in src.values():
+            t.fill_(value)  # the sender writes its storages in place between refits
+        loader.load(views)
+        assert (model.qkv_proj.weight[:8] == value).all() and (model.norm == value).all()
+        assert model.loaded_by_vllm[-1] == "unknown.weight"
+    assert len(planned) == 1
+    loader.load(list(views))  # a plain list: planned each time
+    assert len(planned) == 2
+    held = weakref.ref(src.pop("q_proj.weight"))
+    del views, src
+    gc.collect()
+    assert held() is None

@@ -124,7 +124,9 @@ def test_one_copy_stream_reads_the_senders_tensors_in_place():
 
 def _gpu_sender(conn, address, job_dir, token, one_copy):
     """Streams the checkpoint at each path it is sent (CUDA IPC needs two processes), replies fingerprints.
-    `one_copy`: the engine reads fp32 copies of the tensors in place, casting them to the checkpoint's bf16."""
+    `one_copy`: the engine reads fp32 copies of the tensors in place, casting them to the checkpoint's bf16;
+    written in place from the second refit on (as an optimizer step does), so that refit takes the sender's
+    and the engine's cached path (same sources, same views, the loader's plan kept with them)."""
     from safetensors.torch import load_file
 
     from colocate.refit.checksum import fingerprint
@@ -132,9 +134,14 @@ def _gpu_sender(conn, address, job_dir, token, one_copy):
 
     sender = RefitSender(address=address, token=token, job_dir=job_dir, device="cuda", buffer_bytes=1 << 20,
                          timeout_s=60)
+    resident = None
     while (path := conn.recv()) is not None:
         tensors = [(n, t.cuda()) for n, t in load_file(f"{path}/model.safetensors").items()]
-        resident = [(n, t.float()) for n, t in tensors] if one_copy else None
+        if one_copy and resident is None:
+            resident = [(n, t.float()) for n, t in tensors]
+        elif one_copy:
+            for (_, dst), (_, src) in zip(resident, tensors, strict=True):
+                dst.copy_(src)
         stats = sender.stream(iter(tensors), tensor_meta(tensors), resident=resident)
         assert stats.one_copy == one_copy
         conn.send({n: fingerprint(t) for n, t in tensors})

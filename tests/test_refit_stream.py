@@ -307,9 +307,10 @@ def test_200_refits_leave_nothing_behind(job):
                 # during the job: the receiver's socket and the two ping-pong segments, nothing per refit
                 assert len(os.listdir(job_dir)) == 3, os.listdir(job_dir)
         # A per-refit leak would add ~190 descriptors; ZMQ's own I/O thread may hold one more or less at a
-        # time.
-        assert abs(sender_fds[1] - sender_fds[0]) <= 2, sender_fds
-        assert abs(receiver_fds[1] - receiver_fds[0]) <= 2, receiver_fds
+        # time. Fewer is no leak: the collector may close what earlier tests in this process left (seen once:
+        # 40 -> 34).
+        assert sender_fds[1] - sender_fds[0] <= 2, sender_fds
+        assert receiver_fds[1] - receiver_fds[0] <= 2, receiver_fds
     finally:  # a failure above must not leave a live socket behind for the rest of the session
         s.close()
     kind, _, left = peer.result()

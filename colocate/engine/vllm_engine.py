@@ -209,7 +209,13 @@ def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]
     """
     if not weight_update_active(worker):
         raise RuntimeError("load_weights_into_worker called outside begin/finish_weight_update")
-    getattr(worker, _RECEIVED).update((n, (dtype_name(dtype or t.dtype), tuple(t.shape))) for n, t in weights)
+    memo = getattr(weights, "memo", None)  # `schedule.SameViews`: the same tensors as at the last refit
+    received = memo.get(("received", dtype)) if memo is not None else None
+    if received is None:
+        received = [(n, (dtype_name(dtype or t.dtype), tuple(t.shape))) for n, t in weights]
+        if memo is not None:
+            memo[("received", dtype)] = received
+    getattr(worker, _RECEIVED).update(received)
     direct = getattr(worker, _LOAD_MODE, "direct") == "direct" and can_load_directly(worker)
     if dtype is not None and not direct:
         weights = [(n, t.to(dtype)) for n, t in weights]

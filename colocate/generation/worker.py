@@ -202,8 +202,10 @@ class GenerationWorker:
             master = lookup_master(self._refit_job, self._connect_timeout_s)
             self._backend.call_workers("colocate_refit_set_master", master)
             self._master_known = True
-        stats = dict(self._backend.update_weights("colocate_refit_receive", refit=refit, timeout_s=timeout_s)[0])
-        self._refilled()
+        per_rank = self._backend.update_weights("colocate_refit_receive", refit=refit, timeout_s=timeout_s,
+                                                check_filled=self._weights_dropped)
+        self._refilled(sorted({p for stats in per_rank for p in stats.pop("unloaded", ())}))
+        stats = dict(per_rank[0])
         # The whole task (prefix-cache reset and refill check included), beside the receiver's own load time.
         stats["task_seconds"] = time.perf_counter() - t0
         return stats
@@ -218,11 +220,11 @@ class GenerationWorker:
                 ray.get([self._rendezvous.unregister.remote(k) for k in self._keys])
         self._keys, self._refit_transport = [], None
 
-    def _refilled(self) -> None:
-        """After a completed refit: weights dropped by sleep(level=2) are back only if it filled every one."""
+    def _refilled(self, missing: list[str]) -> None:
+        """After a completed refit: weights dropped by sleep(level=2) are back only if it filled every one
+        (`missing`: the parameters it did not fill, as the workers found when asked to check)."""
         if not self._weights_dropped:
             return
-        missing = sorted({p for rank in self._backend.call_workers("colocate_unloaded_params") for p in rank or ()})
         if missing:
             raise WeightsIncompleteError(
                 f"worker {self.index}: sleep(level=2) dropped the weights and the refit refilled only part of "

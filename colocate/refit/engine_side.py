@@ -113,9 +113,13 @@ class RefitExtension:
         if self._colocate_open is not None:
             self._colocate_open["master"] = master
 
-    def colocate_refit_receive(self, refit: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+    def colocate_refit_receive(self, refit: int | None = None, timeout_s: float | None = None,
+                               check_filled: bool = False) -> dict[str, Any]:
         """Serve refit number `refit` (the engine's update task); raises the transport's named errors.
-        While waiting on the sender it asks the job's rendezvous whether the driver aborted the refit."""
+        While waiting on the sender it asks the job's rendezvous whether the driver aborted the refit.
+        `check_filled`: also return, under "unloaded", the parameters the refit left without all their
+        tensors (after sleep(level=2) it must fill every one): asked here, not in a call of its own, since
+        each call into an async engine's workers costs a round trip through its engine core."""
         if self._colocate_open is None:
             raise RuntimeError("colocate_refit_open was not called on this worker")
         self._colocate_seen = {}
@@ -125,8 +129,12 @@ class RefitExtension:
         with vllm_engine.finished_on_failure(self):  # the caller keeps its weight version on a failure
             if self._colocate_open["transport"] == "zmq":
                 assert isinstance(self._colocate_receiver, RefitReceiver)
-                return asdict(self._colocate_receiver.receive(timeout_s, abort_fn=abort_fn))
-            return asdict(self._colocate_join().receive(abort_fn=abort_fn))
+                stats = asdict(self._colocate_receiver.receive(timeout_s, abort_fn=abort_fn))
+            else:
+                stats = asdict(self._colocate_join().receive(abort_fn=abort_fn))
+        if check_filled:
+            stats["unloaded"] = vllm_engine.unloaded_params(self)
+        return stats
 
     def colocate_refit_close(self) -> None:
         """Close the receiver (zmq: unbind; broadcast: leave the group; a new open joins a new one)."""

@@ -15,6 +15,18 @@ import torch
 # Hands one bucket's (name, typed view) pairs to the engine; it must copy, never keep, what it is given: the
 # buffer is refilled as soon as it returns.
 LoadFn = Callable[[list[tuple[str, torch.Tensor]]], None]
+
+
+class SameViews(list):
+    """A LoadFn's argument that comes again, unchanged, at every refit: the one-copy refit's views into the
+    sender's storages, the same while those stay where they are. The engine keeps what it works out from it
+    (which parameter each tensor goes to) in `memo`, which goes with the list when the receiver drops it."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.memo: dict[object, object] = {}
+
+
 # Whether the driver has aborted the refit this side is serving (the other side failed). Asked only while a
 # side waits on its peer, at most every `ABORT_POLL_S`, never on the hot path.
 AbortFn = Callable[[], bool]

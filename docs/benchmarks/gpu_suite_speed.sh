@@ -4,7 +4,8 @@
 # Results go to $OUT. Modes (several per call share one deadline, BUDGET_S, default 540 s; a step that would get
 # less than a minute is skipped and says so):
 #   tests   the GPU tests of the refit (one-copy included) and of the in-training benchmark
-#   bench   colocated bench, Qwen2.5-1.5B then Llama-3-8B shapes (one-copy default, buffered, vLLM's, floors)
+#   bench   colocated bench, Qwen2.5-1.5B then Llama-3-8B shapes (one-copy default, buffered, vLLM's, floors;
+#           BENCH_MODELS="qwen2.5-1.5b" runs one)
 #   train   the in-training bench: a one-rank FSDP2 policy on Qwen2.5-1.5B shapes (random weights)
 #   ab      #11: the same colocated (and, on 2 GPUs, split) rows from the code before the refit layer's move
 #           (.ab/old = e9aebc6: mkdir -p .ab/old && git archive e9aebc6 colocate | tar -x -C .ab/old)
@@ -41,7 +42,7 @@ for mode in "$@"; do
     tail -6 "$OUT/gpu_tests.log"
     ;;
   bench)
-    for m in qwen2.5-1.5b llama3-8b; do
+    for m in ${BENCH_MODELS:-qwen2.5-1.5b llama3-8b}; do
       bounded 220 "$OUT/refit_$m.log" python -m colocate.bench.refit --device cuda --model $m --repeats 20 \
         --json "$OUT/refit_$m.json"
       grep -A14 "median of" "$OUT/refit_$m.log"

@@ -8,7 +8,8 @@ Protocol state machine (receiver side). S = sender, R = receiver; every frame is
                                               is every parameter filled? are its slices exactly what
                                               `slice_fn` asks for?), else Error; store it by digest; Ack
     IDLE ──Release(ids)───────▶ IDLE          close the cached buffers S freed (no reply: S may be gone)
-    IDLE ──Begin(digest)──────▶ RECEIVING     unknown digest -> Error; call begin_fn; Ack
+    IDLE ──Begin(digest)──────▶ RECEIVING     unknown digest -> Error; call begin_fn (no reply: S goes on
+                                              at once; a failure reaches it as the Error to its next wait)
     RECEIVING ──Load(bucket)──▶ RECEIVING     check the bucket (entries not yet seen, buffer big enough),
                                               open the buffer (cached by id), take its views for this bucket
                                               (built from the manifest once, cached with the buffer),
@@ -21,7 +22,8 @@ Protocol state machine (receiver side). S = sender, R = receiver; every frame is
                                               (a wider float is cast by the engine as it copies), load_fn
                                               (all), synchronise; Ack: S may write those storages again
     RECEIVING ──Done(n)───────▶ IDLE          every manifest entry arrived exactly once, else Error;
-                                              finish_fn; Ack; `receive()` returns
+                                              finish_fn; Ack; `receive()` returns (after a Direct, S sends
+                                              Done without waiting for its ack: one round trip in all)
     any ──Abort(error)────────▶ IDLE          S failed: raise the same named error here
     any ──bad frame───────────▶ same state    wrong token or unparsable: counted in `rejected`, dropped;
                                               over `wire.MAX_FRAME_BYTES`: ZMQ drops the peer unread
@@ -63,7 +65,7 @@ from colocate.refit.ipc import wire
 from colocate.refit.ipc.buffers import BufferCache
 from colocate.refit.ipc.jobdir import ensure_private_dir, random_name
 from colocate.refit.plan import CheckFn, Manifest, Meta, bucket_views, dtype_from_name, manifest_meta
-from colocate.refit.schedule import ABORT_POLL_S, AbortFn, LoadFn, ReceiveStats
+from colocate.refit.schedule import ABORT_POLL_S, AbortFn, LoadFn, ReceiveStats, SameViews
 from colocate.refit.slices import Slice, as_loaded
 from colocate.refit.sources import castable
 
@@ -99,8 +101,10 @@ class RefitReceiver:
         self._abort_fn: AbortFn | None = None
         self.rejected = 0
         self.cache = BufferCache(job_dir)
-        # One-copy refit: the typed views of the last Direct's sources, reused while they are the same.
-        self._direct: tuple[tuple[str, list[wire.Source]], list[torch.Tensor]] | None = None
+        # One-copy refit: the last Direct's (digest, sources), and what to hand the engine for them (the named
+        # views in place, and the dtype to cast them to as it copies, if any), reused while they are the same.
+        self._direct: tuple[tuple[str, list[wire.Source]], list[tuple[str, torch.Tensor]],
+                            torch.dtype | list[torch.dtype] | None] | None = None
         # A load_fn taking `dtype=` casts a wider source as it copies (one copy); else it is cast here first.
         self._load_casts = "dtype" in inspect.signature(load_fn).parameters
         self._manifests: dict[str, Manifest] = {}
@@ -180,7 +184,6 @@ class RefitReceiver:
                     t0 = time.perf_counter()
                     if self.begin_fn is not None:
                         self.begin_fn()
-                    self._send(wire.Ack(msg.refit_id, msg.seq))
                 elif isinstance(msg, wire.Abort):
                     raise remote_error(msg.kind, msg.message, side="sender", traceback=msg.traceback)
                 elif manifest is None or seen is None or msg.refit_id != refit_id:
@@ -246,30 +249,39 @@ class RefitReceiver:
             self.cache.get(h)
         key = (digest, msg.sources)
         if self._direct is None or self._direct[0] != key:
-            views = []
-            for e, src in zip(manifest.entries, msg.sources, strict=True):
-                buf = self.cache.opened(src.buffer)
-                dtype, want = dtype_from_name(src.dtype), dtype_from_name(e.dtype)
-                span = e.nbytes // want.itemsize * dtype.itemsize
-                if buf is None or src.byte_offset < 0 or src.byte_offset + span > buf.handle.nbytes:
-                    raise RefitFrameError(f"direct refit: {e.name} lies outside storage {src.buffer}")
-                if not castable(dtype, want):
-                    raise RefitFrameError(f"direct refit: {e.name} is {src.dtype}, expected {e.dtype}")
-                views.append(buf.tensor[src.byte_offset:src.byte_offset + span].view(dtype).view(e.shape))
-            self._direct = (key, views)
-        views = self._direct[1]
-        named = [(e.name, v) for e, v in zip(manifest.entries, views, strict=True)]
-        wanted = {dtype_from_name(e.dtype) for e in manifest.entries}
-        if all(v.dtype == dtype_from_name(e.dtype) for e, v in zip(manifest.entries, views, strict=True)):
-            self.load_fn(named)
-        elif self._load_casts and len(wanted) == 1:
-            self.load_fn(named, dtype=wanted.pop())  # type: ignore[call-arg]
+            self._direct = (key, *self._direct_views(manifest, msg.sources))
+        _, named, cast = self._direct
+        if isinstance(cast, list):  # mixed dtypes wanted, or a loader that cannot cast: a cast copy first
+            self.load_fn([(n, v.to(w)) for (n, v), w in zip(named, cast, strict=True)])
+        elif cast is not None:
+            self.load_fn(named, dtype=cast)  # type: ignore[call-arg]
         else:
-            self.load_fn([(e.name, v.to(dtype_from_name(e.dtype))) for e, v in
-                          zip(manifest.entries, views, strict=True)])
-        if views and views[0].is_cuda:
-            torch.cuda.synchronize(views[0].device)  # nothing reads the sender's storages after the ack
+            self.load_fn(named)
+        if named and named[0][1].is_cuda:
+            torch.cuda.synchronize(named[0][1].device)  # nothing reads the sender's storages after the ack
         seen[:] = b"\x01" * len(seen)
+
+    def _direct_views(self, manifest: Manifest, sources: list[wire.Source]
+                      ) -> tuple[list[tuple[str, torch.Tensor]], torch.dtype | list[torch.dtype] | None]:
+        """Each entry viewed in place in the sender's storages (handed to the engine again at every refit
+        while the sources stay the same: `SameViews`), and how to cast them: None (each is already its
+        entry's dtype), one dtype (the loader casts as it copies) or each entry's (cast here first)."""
+        named = SameViews()
+        for e, src in zip(manifest.entries, sources, strict=True):
+            buf = self.cache.opened(src.buffer)
+            dtype, want = dtype_from_name(src.dtype), dtype_from_name(e.dtype)
+            span = e.nbytes // want.itemsize * dtype.itemsize
+            if buf is None or src.byte_offset < 0 or src.byte_offset + span > buf.handle.nbytes:
+                raise RefitFrameError(f"direct refit: {e.name} lies outside storage {src.buffer}")
+            if not castable(dtype, want):
+                raise RefitFrameError(f"direct refit: {e.name} is {src.dtype}, expected {e.dtype}")
+            named.append((e.name, buf.tensor[src.byte_offset:src.byte_offset + span].view(dtype).view(e.shape)))
+        wanted = [dtype_from_name(e.dtype) for e in manifest.entries]
+        if all(v.dtype == w for (_, v), w in zip(named, wanted, strict=True)):
+            return named, None
+        if self._load_casts and len(set(wanted)) == 1:
+            return named, wanted[0]
+        return named, wanted
 
     def _slices_for(self, meta: Meta) -> list[Slice | None] | None:
         slices = self.slice_fn([(n, d, tuple(s)) for n, d, s in meta]) if self.slice_fn is not None else None

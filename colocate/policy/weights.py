@@ -41,10 +41,14 @@ def _unique_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def reshard(model: nn.Module) -> None:
-    """Put every FSDP2 module back in the sharded state (the root stays unsharded after a no-grad forward)."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    """Put every FSDP2 module back in the sharded state (the root stays unsharded after a no-grad forward).
+    The FSDP modules are found once and kept on the model: walking all ~370 modules of a 28-layer model
+    costs most of a millisecond at every refit."""
+    fsdp = model.__dict__.get("_colocate_fsdp_modules")
+    if fsdp is None:
+        fsdp = model._colocate_fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in fsdp:
+        module.reshard()
 
 
 def gather_groups(model: nn.Module, names: list[str]) -> dict[str, tuple[FSDPModule, str]]:
@@ -295,12 +299,23 @@ def resident_weights(model: nn.Module, dtype: torch.dtype | None = None) -> list
     """Every weight where it already lives whole on this rank's CUDA device, in checkpoint names and
     manifest order: the parameters themselves (fp32 master weights under bf16 compute; a one-copy refit
     casts to `dtype` as it copies). None where that is not so: sharded over several ranks, a checkpoint
-    conversion that is not the identity, parameters off the GPU."""
+    conversion that is not the identity, parameters off the GPU.
+
+    The answer is kept on the model while every weight's local tensor stays where it was (an optimizer step
+    writes in place; an offload or a load that replaces a tensor moves it): checking each of ~340 weights
+    again costs ~3 ms of Python per refit, as much as the engine's copy of a 1.5B model. The kept views
+    hold the old storages, so no new tensor can take the same address unseen."""
+    reshard(model)
+    refs = _state_refs(model)
+    tensors = [_current(module, attr) for _, module, attr in refs]
+    where = [(t._local_tensor if isinstance(t, DTensor) else t) for t in tensors]
+    key = (dtype, [(t.data_ptr(), t.dtype) for t in where])
+    kept = model.__dict__.get("_colocate_resident")
+    if kept is not None and kept[0] == key:
+        return kept[1]
     fmt = checkpoint_format(model)
     out = []
-    reshard(model)
-    for name, module, attr in _state_refs(model):
-        t = getattr(module, attr)
+    for (name, _, _), t in zip(refs, tensors, strict=True):
         if isinstance(t, DTensor) and t.device_mesh.size() != 1:
             return None
         t = _local(t)
@@ -308,15 +323,34 @@ def resident_weights(model: nn.Module, dtype: torch.dtype | None = None) -> list
                 or (dtype is not None and not castable(t.dtype, dtype))):
             return None
         out.append((name, t))
+    model._colocate_resident = (key, out)
     return out
+
+
+def forget_resident(model: nn.Module) -> None:
+    """Drop the views `resident_weights` keeps (before the parameters leave the device: they hold its memory)."""
+    model.__dict__.pop("_colocate_resident", None)
+
+
+def _current(module: nn.Module, attr: str) -> torch.Tensor:
+    """`getattr(module, attr)` for a parameter or buffer, without `nn.Module.__getattr__` (~2 us each)."""
+    t = module._parameters.get(attr)
+    return t if t is not None else module._buffers[attr]
 
 
 def weights_manifest(model: nn.Module, dtype: torch.dtype | None = None) -> list[ManifestEntry]:
     """`(name, shape, dtype)` of exactly what `iter_full_weights` yields, without gathering anything."""
+    kept = model.__dict__.setdefault("_colocate_manifests", {})
+    if dtype is not None and dtype in kept:
+        return list(kept[dtype])  # names and (global) shapes never change; the dtype is the one asked for
     fmt = checkpoint_format(model)
     out = []
-    # A DTensor's .shape is the global shape, so no communication is needed.
-    for name, tensor in _unique_state(model):
+    # A DTensor's .shape is the global shape, so no communication is needed. The kept references, not the
+    # state dict: building that through FSDP's hooks costs ~3 ms per refit for 338 tensors.
+    for name, module, attr in _state_refs(model):
+        tensor = _current(module, attr)
         dt = dtype if dtype is not None else tensor.dtype
         out += [(n, shape, dt) for n, shape in fmt.meta(name, tuple(tensor.shape), dt)]
-    return out
+    if dtype is not None:
+        kept[dtype] = out
+    return list(out)

@@ -47,6 +47,7 @@ from colocate.policy.grpo_loss import LOSS_AGGS, LossAgg, grpo_loss
 from colocate.policy.lr_schedule import LrDecay, lr_multiplier
 from colocate.policy.weights import (
     ManifestEntry,
+    forget_resident,
     iter_full_weights,
     iter_weight_sources,
     reshard,
@@ -341,6 +342,7 @@ class PolicyWorker(StreamsRefits):
                                 self._offloaded_state.append((param, key))
             if include_params and not self._params_offloaded:
                 reshard(self.model)
+                forget_resident(self.model)  # its views would keep the parameters' GPU memory
                 self.model.to("cpu")
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -394,6 +396,10 @@ class PolicyWorker(StreamsRefits):
         """`iter_weights` for a refit sender: even shards as fills gathered straight into its buffers."""
         self._require(params=True)
         return iter_weight_sources(self.model, dtype, fsdp_param_dtype=self.param_dtype)
+
+    def close_refit(self) -> None:
+        super().close_refit()
+        forget_resident(self.model)  # the sender let go of the parameters' storages: so does the kept list
 
     def resident_weights(self, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]] | None:
         """One rank on a GPU: the parameters themselves, read in place by a one-copy refit."""

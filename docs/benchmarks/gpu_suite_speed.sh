@@ -150,3 +150,7 @@ for mode in "$@"; do
   esac
 done
 echo "done in $SECONDS s"
+# The device tool brings back only a few files per call (8 in session 8): PACK=1 sends everything as one archive.
+if [ "${PACK:-0}" = 1 ]; then
+  (cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .)
+fi

@@ -111,6 +111,27 @@ def test_offload_frees_the_gpu_and_onload_restores_every_bit(worker: PolicyWorke
     assert worker.train_step(batch)["skipped"] == 0.0
 
 
+def test_resident_weights_are_kept_while_the_parameters_stay_put(worker: PolicyWorker) -> None:
+    """The one-copy refit's list of weights in place is worked out once and kept while every parameter
+    stays where it was: an optimizer step (in place) shows through it; an offload drops it (it would hold
+    the GPU memory), and after the onload it is found again at the parameters' new addresses."""
+    first = worker.resident_weights(torch.float32)
+    assert first is not None and worker.resident_weights(torch.float32) is first
+    before = {n: t.clone() for n, t in first}
+    worker.train_step(_batch(worker))
+    assert worker.resident_weights(torch.float32) is first
+    assert any(not torch.equal(t, before[n]) for n, t in first)  # the step shows through the kept views
+    assert all(torch.equal(t, w.float()) for (n, t), (m, w) in zip(first, worker.iter_weights(), strict=True)
+               if n == m)
+    worker.offload(include_params=True)
+    assert "_colocate_resident" not in worker.model.__dict__
+    worker.onload()
+    again = worker.resident_weights(torch.float32)
+    assert again is not None and again is not first
+    assert [n for n, _ in again] == [n for n, _ in first]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(again, first, strict=True))
+
+
 def test_bf16_streaming_and_free_memory(worker: PolicyWorker) -> None:
     streamed = list(worker.iter_weights(torch.bfloat16))
     assert {t.dtype for _, t in streamed} == {torch.bfloat16}

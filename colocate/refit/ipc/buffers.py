@@ -100,9 +100,9 @@ class OpenedBuffer:
     def __init__(self, handle: Handle, *, job_dir: str) -> None:
         self.handle = handle
         self._mm: mmap.mmap | None = None
-        # Per (manifest digest, bucket): the typed views the receiver builds into this buffer, kept while
-        # the buffer stays open so a refit does not rebuild hundreds of them (see RefitReceiver._load).
-        self.views: dict[tuple[str, int], list[torch.Tensor]] = {}
+        # Per (manifest digest, bucket): the (name, typed view) pairs the receiver builds into this buffer,
+        # kept while the buffer stays open so a refit does not rebuild hundreds of them (RefitReceiver._load).
+        self.views: dict[tuple[str, int], list[tuple[str, torch.Tensor]]] = {}
         if handle.cuda is not None:
             c = handle.cuda
             index = local_cuda_index(c.device_uuid)

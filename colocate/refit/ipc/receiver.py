@@ -312,11 +312,14 @@ class RefitReceiver:
         buf = self.cache.get(msg.buffer)
         try:
             entries = manifest.entries[bucket.first:bucket.last]
-            typed = buf.views.get((digest, msg.bucket))
-            if typed is None:
-                typed = bucket_views(buf.tensor, entries)
+            # The bucket's (name, view) pairs, built once per buffer and bucket and handed over again at every
+            # refit (`SameViews`: the engine's loader keeps its plan for them too).
+            named = buf.views.get((digest, msg.bucket))
+            if named is None:
+                named = SameViews((e.name, as_loaded(e.name, e.shape, e.sliced, v))
+                                  for e, v in zip(entries, bucket_views(buf.tensor, entries), strict=True))
                 if not msg.buffer.temporary:
-                    buf.views[(digest, msg.bucket)] = typed
+                    buf.views[(digest, msg.bucket)] = named
             if msg.checksums is not None:
                 sums = [checksum(buf.tensor[e.offset:e.offset + e.nbytes]) for e in entries]
                 if sums != msg.checksums:
@@ -324,8 +327,7 @@ class RefitReceiver:
                     raise RefitFrameError(f"bucket {msg.bucket}: checksum mismatch in {bad[:5]}")
             else:
                 sums = None
-            self.load_fn([(e.name, as_loaded(e.name, e.shape, e.sliced, v))
-                          for e, v in zip(entries, typed, strict=True)])
+            self.load_fn(named)
             # Nothing may read the buffer after the ack (the sender refills it next): wait for the device.
             # The typed views stay cached with the buffer; the engine must copy, never keep, what it is given.
             if buf.tensor.is_cuda:

@@ -58,7 +58,7 @@ def test_entry_point_runs_every_stage(tmp_path):
         assert r["refit_ms"] > 0
         # Each side's whole task holds its timed parts and lies within the refit the driver timed.
         assert r["refit_pack_ms"] + r["refit_wait_ms"] <= r["refit_sender_task_ms"] <= r["refit_ms"]
-        assert r["refit_load_ms"] <= r["refit_receiver_task_ms"] <= r["refit_ms"]
+        assert r["refit_load_ms"] <= r["refit_receiver_worker_ms"] <= r["refit_receiver_task_ms"] <= r["refit_ms"]
         assert r["generation_s"] + r["training_s"] + r["refit_ms"] / 1e3 <= r["step_s"]
         assert r["refit_share"] == pytest.approx((r["refit_ms"] / 1e3 + r["sleep_wake_s"]) / r["step_s"])
         # The reference (initial weights) vs a policy the warm-up has moved: a real KL, measured in time.

@@ -49,10 +49,13 @@ def run_refit(policy_workers: Sequence[Any], generation: Any, *, rendezvous: Any
     got = [s for s in out["receiver"] if s]
     if got:
         parts["refit_load_ms"] = max(s["load_seconds"] for s in got) * 1e3
-    # Each side's whole task: what refit_ms holds beyond them is Ray's launch and return of the tasks.
+    # Each side's whole task: what refit_ms holds beyond them is Ray's launch and return of the tasks; of the
+    # engine's task, the receive call on its worker (the rest: the hop through the engine to its worker).
     for side, done in (("sender", sent), ("receiver", got)):
         if done:
             parts[f"refit_{side}_task_ms"] = max(s["task_seconds"] for s in done) * 1e3
+    if got and all("worker_seconds" in s for s in got):
+        parts["refit_receiver_worker_ms"] = max(s["worker_seconds"] for s in got) * 1e3
     return parts
 
 

@@ -19,6 +19,7 @@ and friends, and vLLM refuses an extension whose names clash.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -122,6 +123,7 @@ class RefitExtension:
         each call into an async engine's workers costs a round trip through its engine core."""
         if self._colocate_open is None:
             raise RuntimeError("colocate_refit_open was not called on this worker")
+        t0 = time.perf_counter()
         self._colocate_seen = {}
         abort_fn: AbortFn | None = None
         if refit is not None and self._colocate_rendezvous is not None:
@@ -134,6 +136,8 @@ class RefitExtension:
                 stats = asdict(self._colocate_join().receive(abort_fn=abort_fn))
         if check_filled:
             stats["unloaded"] = vllm_engine.unloaded_params(self)
+        # This call on the worker, beside the engine actor's whole task: the rest is the hop through the engine.
+        stats["worker_seconds"] = time.perf_counter() - t0
         return stats
 
     def colocate_refit_close(self) -> None:

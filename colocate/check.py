@@ -8,8 +8,9 @@ filled. Prints the counts and the first mismatches.
 `--refit` (end to end): for each transport, builds the policy (`--policy fsdp2`, the default, or `megatron` with
 `--tp` / `--pp`) on `--workers` ranks and vLLM engines for the checkpoint on Ray (zmq: colocated, one engine per
 policy rank; broadcast: split placement, one engine on a device of its own), perturbs every policy weight,
-refits, and compares the engines' greedy tokens and the logprobs of the tokens they chose with HF transformers
-on the policy's weights (exported to a temporary HF directory by rank 0). A table per check.
+refits, and compares every engine's greedy tokens and the logprobs of the tokens it chose with HF
+transformers on the policy's weights, exported to HF and run on policy rank 0's device (`colocate/verify.py`).
+A table per check.
 
 Exit code: 0 everything matches, 1 a mismatch, 2 a model cannot be checked (a one-line reason). Several
 directories are checked in one process (vLLM and Ray start once); the code is the worst of theirs.
@@ -25,7 +26,6 @@ import argparse
 import functools
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +35,9 @@ import torch
 
 from colocate.engine.accepts import OfferCheck
 from colocate.models.checkpoint_format import UnsupportedModelError
+from colocate.verify import LOGPROB_TOL, check_engines
 
 PROMPTS = ["Q: 12+7= A:", "The answer is", "what", "Q: 93-40= A:"]
-# Teacher-forced logprobs of the engine's tokens against HF's, per dtype the engine computes in; ten times
-# that on GPU, where vLLM's kernels round differently (Qwen2.5-1.5B shapes, fp32, H200: 4.6e-3). A weight
-# the refit got wrong moves them by whole nats (a Qwen3-MoE refit with fused expert names: 8.2).
-LOGPROB_TOL = {"float32": 2e-3, "bfloat16": 0.1, "float16": 0.05}
 
 
 class CheckError(Exception):
@@ -120,31 +117,6 @@ def perturb(worker: Any, seed: int, scale: float) -> int:
     return n
 
 
-def _hf_reference(model_dir: str, prompt_ids: list[list[int]], responses: list[list[int]], max_tokens: int,
-                  device: str, dtype: torch.dtype) -> tuple[list[list[int]], list[list[float]], list[list[float]]]:
-    """HF's greedy tokens, HF's logprobs of the engine's `responses` (teacher-forced), and HF's top logprob at
-    each of those positions (how far the engine's token was from HF's own choice)."""
-    from transformers import AutoModelForCausalLM
-
-    # Eager attention: the reference implementation (sdpa drops Gemma2's attention-logit soft-capping).
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
-    model = model.to(device).eval()
-    greedy, logprobs, top = [], [], []
-    with torch.no_grad():
-        for ids, resp in zip(prompt_ids, responses, strict=True):
-            x = torch.tensor([ids], device=device)
-            # Plain greedy, as the engine decodes: no penalty a checkpoint's generation_config may set.
-            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_tokens,
-                               repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-                               pad_token_id=model.config.eos_token_id)
-            greedy.append(y[0, len(ids):].tolist())
-            full = torch.tensor([ids + resp], device=device)
-            lp = torch.log_softmax(model(full).logits[0, len(ids) - 1:-1].float(), -1)
-            logprobs.append(lp.gather(-1, torch.tensor(resp, device=device)[:, None])[:, 0].tolist())
-            top.append(lp.max(-1).values.tolist())
-    return greedy, logprobs, top
-
-
 def _prompt_ids(model_dir: str) -> list[list[int]]:
     try:
         from transformers import AutoTokenizer
@@ -197,40 +169,19 @@ def refit_check(model_dir: str, *, device: str, transport: str, dtype: str, max_
             row["sliced_tensors"] = parts["refit_sliced"]
         if "refit_sent_mb" in parts:
             row["sent_mb_per_rank"] = round(parts["refit_sent_mb"], 2)
-        say("refit done; generating")
-        rollouts = cluster.generation.generate(prompt_ids, temperature=0.0, max_tokens=max_tokens, n=1)
-        engine = [r.response_ids for r in rollouts]
-        engine_lp = [r.logprobs for r in rollouts]
-        with tempfile.TemporaryDirectory() as tmp:
-            cluster.policy.export_hf(tmp, getattr(torch, dtype))
-            say("exported the policy's weights; running HF transformers")
-            hf_device = device if device == "cpu" else "cuda"
-            hf, hf_lp, hf_top = _hf_reference(tmp, prompt_ids, engine, max_tokens, hf_device, getattr(torch, dtype))
+        say("refit done; every engine generates, HF transformers on policy rank 0 runs on the exported weights")
+        verdicts = check_engines(cluster.policy, cluster.generation, prompt_ids=prompt_ids, max_tokens=max_tokens,
+                                 dtype=dtype, device=device)
     finally:
         cluster.close()
-    tol = LOGPROB_TOL[dtype] * (10 if device == "cuda" else 1)
-    same = [a == b for a, b in zip(engine, hf, strict=True)]
-    diff = max((abs(a - b) for x, y in zip(engine_lp, hf_lp, strict=True) for a, b in zip(x, y, strict=True)),
-               default=0.0)
-    # Where the greedy sequences part, how much HF preferred its own token to the engine's: within the
-    # logprob tolerance it is a near-tie that rounding decides (random-weight models have many), not a
-    # weight the refit got wrong (which moves logprobs by tenths of a nat or more).
-    gaps = [_tie_gap(e, h, lp, t) for e, h, lp, t in zip(engine, hf, hf_lp, hf_top, strict=True) if e != h]
-    ties = sum(g <= tol for g in gaps)
-    row.update(prompts=len(same), greedy_equal=sum(same), max_logprob_diff=float(f"{diff:.3g}"))
-    if gaps:
-        row.update(near_ties=ties, max_divergence_gap=float(f"{max(gaps):.3g}"))
-    row["ok"] = sum(same) + ties == len(same) and diff <= tol
+    row.update(engines=len(verdicts), prompts=sum(v.prompts for v in verdicts),
+               greedy_equal=sum(v.greedy_equal for v in verdicts),
+               max_logprob_diff=max(v.max_logprob_diff for v in verdicts))
+    if row["greedy_equal"] < row["prompts"]:
+        row.update(near_ties=sum(v.near_ties for v in verdicts),
+                   max_divergence_gap=max(v.max_divergence_gap for v in verdicts))
+    row["ok"] = all(v.ok for v in verdicts)
     return row
-
-
-def _tie_gap(engine: list[int], hf: list[int], hf_lp: list[float], hf_top: list[float]) -> float:
-    """At the first token where the engine's greedy output leaves HF's, HF's top logprob minus HF's logprob of
-    the engine's token (0: a dead heat); inf if one output is a prefix of the other (a length difference)."""
-    for i, (a, b) in enumerate(zip(engine, hf, strict=False)):
-        if a != b:
-            return hf_top[i] - hf_lp[i]
-    return float("inf")
 
 
 # ------------------------------------------------------------------------------------------ entry point

@@ -105,6 +105,12 @@ class RefitConfig:
     shard_slice: bool = True
     """Colocated with tensor-parallel engines: each policy rank sends its engine worker only the slice of each
     weight that worker keeps (its TP shard, as the engine's own loader says), 1/tp of those bytes."""
+    verify_every: int = 0
+    """Every k steps (0: never), after the step's refit: each engine's greedy tokens on `verify_prompts`
+    held-out prompts against HF transformers on the policy's weights (exported to HF, run on policy rank 0's
+    device); a difference beyond rounding stops the run with RefitVerifyError (`colocate/verify.py`)."""
+    verify_prompts: int = 4
+    verify_max_tokens: int = 16
 
 
 @dataclass
@@ -284,6 +290,9 @@ def check_values(cfg: Config) -> None:
              f"must be > 0 (or null: auto), got {r.buffer_size_mb}")
     _require(0 < r.auto_fraction <= 1, "refit.auto_fraction", f"must be in (0, 1], got {r.auto_fraction}")
     _require(r.timeout_s > 0, "refit.timeout_s", f"must be > 0, got {r.timeout_s}")
+    _require(r.verify_every >= 0, "refit.verify_every", f"must be >= 0, got {r.verify_every}")
+    _require(r.verify_prompts >= 1 and r.verify_max_tokens >= 1, "refit.verify_prompts",
+             f"verify_prompts and verify_max_tokens must be >= 1, got {r.verify_prompts}, {r.verify_max_tokens}")
     _require(a.steps >= 0, "algorithm.steps", f"must be >= 0, got {a.steps}")
     _require(a.prompts_per_step >= 1, "algorithm.prompts_per_step", f"must be >= 1, got {a.prompts_per_step}")
     _require(a.samples_per_prompt >= 1, "algorithm.samples_per_prompt", f"must be >= 1, got {a.samples_per_prompt}")

@@ -19,6 +19,7 @@ from colocate.data.build import build_problems
 from colocate.data.problem import Problem
 from colocate.metrics import MetricsLogger, plot_rewards, plot_step_time
 from colocate.rewards.pool import Item, RewardPool
+from colocate.verify import verify_refit
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,21 @@ def _set_lr(worker: Any, lr: float) -> None:
 def _suffixed(scores: dict[str, float], when: str) -> dict[str, float]:
     """`val_accuracy` -> `val_accuracy_start` etc.: the summary's names for held-out scores at `when`."""
     return {f"{key}_{when}": value for key, value in scores.items()}
+
+
+def _verify(cfg: Config, cluster: Cluster, grpo: GRPO, step: int) -> dict[str, float]:
+    """`refit.verify_every`: the engines against HF on the policy's weights, after this step's refit."""
+    r, pol = cfg.refit, cfg.policy
+    problems = (grpo.val or grpo.train)[:r.verify_prompts]
+    if pol.offload:  # the export gathers the weights on the policy's devices
+        cluster.policy.onload()
+    try:
+        return verify_refit(cluster.policy, cluster.generation, prompt_ids=grpo.encode(problems),
+                            max_tokens=min(r.verify_max_tokens, cfg.algorithm.max_new_tokens),
+                            dtype=cfg.generation.dtype, device=cfg.placement.device, step=step)
+    finally:
+        if pol.offload:
+            cluster.policy.offload(include_params=True)
 
 
 def train(cfg: Config, cluster: Cluster, out_dir: Path) -> dict[str, Any]:
@@ -93,6 +109,8 @@ def _train(cfg: Config, cluster: Cluster, out_dir: Path, pool: RewardPool) -> di
         samples.write(json.dumps({"step": step, **m.pop("sample")}) + "\n")
         samples.flush()
         m["reward_timeouts"] = pool.timeouts
+        if cfg.refit.verify_every and step % cfg.refit.verify_every == 0:
+            m.update(_verify(cfg, cluster, grpo, step))
         if step == a.steps or (a.val_every and step % a.val_every == 0):  # always a final held-out score
             m.update(grpo.evaluate(a.eval_samples))
         if a.checkpoint_every and step % a.checkpoint_every == 0:

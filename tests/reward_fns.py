@@ -11,6 +11,13 @@ def mentions_answer(completion: str, row: dict[str, Any]) -> float:
     return 1.0 if str(row["answer"]) in completion else 0.0
 
 
+def digit_share(completion: str, row: dict[str, Any]) -> float:
+    """The share of the completion's characters that are digits: a reward that varies between a random-weight
+    model's samples (the task's own reward is 0 for all of them), so that GPU system runs take real
+    optimizer steps and every refit carries changed weights."""
+    return sum(c.isdigit() for c in completion) / max(len(completion), 1)
+
+
 def fails_on_seven(completion: str, row: dict[str, Any]) -> float:
     if row["answer"] == "7":
         raise ValueError("seven is unlucky")

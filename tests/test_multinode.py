@@ -114,7 +114,7 @@ def _assert_refits_exactly(cluster: clusters.Cluster) -> dict[str, str]:
 ], ids=["zmq-colocated", "broadcast-split"])
 def test_a_run_spread_over_two_nodes_refits_exactly_and_trains(two_nodes, model, tmp_path, placement, transport):
     head, workers = two_nodes
-    cfg = _compose([*placement, "placement.strategy=STRICT_SPREAD"])
+    cfg = _compose([*placement, "placement.strategy=STRICT_SPREAD", "refit.verify_every=1"])
     cluster = clusters.build(cfg, model, job=f"multinode-{transport}")
     try:
         assert cluster.transport == transport
@@ -144,6 +144,24 @@ def test_a_run_spread_over_two_nodes_refits_exactly_and_trains(two_nodes, model,
         assert all(r["refit_ms"] > 0 and "loss" in r for r in rows)
         assert summary["weight_version"] == 3  # the refit above, then one per step
         _assert_refits_exactly(cluster)  # the last step's refit, after training, exact too
+        # refit.verify_every=1: after each step's refit every engine decoded 4 held-out prompts as HF
+        # transformers did on the policy's exported weights (HF on policy rank 0's node)
+        engines = len(cluster.generation.workers)
+        for r in rows:
+            assert r["verify_prompts"] == 4 * engines and r["verify_greedy_equal"] == 4 * engines, r
+            assert r["verify_max_logprob_diff"] <= 2e-3
+
+        # Weights the engines never received: the check names the engine and stops the run.
+        from colocate.verify import RefitVerifyError, verify_refit
+
+        cluster.policy.execute(_perturb)
+        prompt_ids = [[5, 6, 7, 8], [9, 10, 11]]
+        with pytest.raises(RefitVerifyError, match="step 3: engine 0 decodes otherwise"):
+            verify_refit(cluster.policy, cluster.generation, prompt_ids=prompt_ids, max_tokens=4, dtype="float32",
+                         device="cpu", step=3)
+        cluster.refit()
+        assert verify_refit(cluster.policy, cluster.generation, prompt_ids=prompt_ids, max_tokens=4,
+                            dtype="float32", device="cpu", step=3)["verify_greedy_equal"] == 2 * engines
     finally:
         cluster.close()
 
@@ -203,6 +221,12 @@ def test_a_tensor_parallel_engine_takes_the_refit_on_both_ranks_and_decodes_as_h
         assert sliced["refit_sliced"] == len(halves[0])
         rollouts = cluster.generation.generate(prompt_ids, n=1, temperature=0.0, max_tokens=8)
         assert [r.response_ids for r in rollouts] == want
+        # A run's refit.verify_every check, with HF on policy rank 0, agrees
+        from colocate.verify import check_engines
+
+        [verdict] = check_engines(cluster.policy, cluster.generation, prompt_ids=prompt_ids, max_tokens=8,
+                                  dtype="float32", device="cpu")
+        assert verdict.ok and verdict.greedy_equal == verdict.prompts == 3
 
         # The same refit whole: each rank then receives every tensor whole, about twice the bytes.
         cluster.policy.close_refit()

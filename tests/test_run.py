@@ -47,7 +47,7 @@ def _run_main(tmp_path, overrides: list[str]) -> dict:
 
 
 def test_entry_point_runs_every_stage(tmp_path):
-    summary = _run_main(tmp_path, [*FEW_STEPS, "policy.kl_coef=0.1"])
+    summary = _run_main(tmp_path, [*FEW_STEPS, "policy.kl_coef=0.1", "refit.verify_every=2"])
     rows = read_metrics(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if r["step"] >= 1]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -64,6 +64,10 @@ def test_entry_point_runs_every_stage(tmp_path):
         # The reference (initial weights) vs a policy the warm-up has moved: a real KL, measured in time.
         assert r["kl"] > 0 and 0 < r["reference_s"] < r["training_s"]
     assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 2, 3]
+    # refit.verify_every=2: after step 2's refit the engine decoded 4 held-out prompts as HF did on the policy
+    [verified] = [r for r in rows if "verify_prompts" in r]
+    assert verified["step"] == 2 and verified["verify_greedy_equal"] == verified["verify_prompts"] == 4
+    assert verified["verify_max_logprob_diff"] <= 2e-3 and verified["verify_s"] > 0
     assert any("sft_nll" in r for r in rows)
     # one refit after the warm-up, one per step: the engines' weight version advanced each time
     assert [r["weight_version"] for r in steps] == [2, 3, 4]

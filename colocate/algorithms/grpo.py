@@ -108,13 +108,13 @@ class GRPO:
     def check_prompt_lengths(self, max_model_len: int) -> None:
         """Refuse, before the first step, a prompt that leaves no room for `max_new_tokens` in the engine."""
         for p in (*self.train, *self.val):
-            n = len(self._encode([p])[0])
+            n = len(self.encode([p])[0])
             if n + self.max_new_tokens > max_model_len:
                 raise DataError(f"row {p.index} has a prompt of {n} tokens: with algorithm.max_new_tokens="
                                 f"{self.max_new_tokens} it does not fit generation.max_model_len={max_model_len}",
                                 subject="generation.max_model_len")
 
-    def _encode(self, problems: list[Problem]) -> list[list[int]]:
+    def encode(self, problems: list[Problem]) -> list[list[int]]:
         return [self.tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
 
     def _sample_problems(self, n: int) -> list[Problem]:
@@ -126,7 +126,7 @@ class GRPO:
         problems = self._sample_problems(self.P * self.G)
         completions = [self.tok(" " + p.answer, add_special_tokens=False)["input_ids"] + [self.eos]
                        for p in problems]
-        b = pack_sequences(self._encode(problems), completions, self.pad)
+        b = pack_sequences(self.encode(problems), completions, self.pad)
         old = self.policy.logprobs(b.input_ids_BT, b.attention_mask_BT)
         out = self.policy.train_step({
             "input_ids": b.input_ids_BT, "attention_mask": b.attention_mask_BT,
@@ -143,7 +143,7 @@ class GRPO:
         prompts whose greedy completion is correct (reward > 0; the same number for 0/1 rewards); with
         `samples` = k > 1, `val_pass@k`: pass@k from k completions per prompt sampled at the run's temperature
         and top_p, from fixed seeds (so evaluations differ only by the weights)."""
-        prompts = self._encode(self.val)
+        prompts = self.encode(self.val)
         correct, rewards = self._correct_by_prompt(prompts, n=1, temperature=0.0, top_p=1.0)
         out = {"val_accuracy": statistics.fmean(row[0] for row in rewards), "val_pass@1": mean_pass_at_k(correct, 1)}
         if samples > 1:
@@ -174,7 +174,7 @@ class GRPO:
         step_start = time.perf_counter()
         problems = self._sample_problems(self.P)
         with timed(m, "generation_s"):
-            rollouts = self.generation.generate(self._encode(problems), n=self.G, temperature=self.temperature,
+            rollouts = self.generation.generate(self.encode(problems), n=self.G, temperature=self.temperature,
                                                 top_p=self.top_p, max_tokens=self.max_new_tokens, stop=None,
                                                 seed=(self.seed << 40) + (step << 20))
         responses = [list(r.response_ids) for r in rollouts]

@@ -136,12 +136,19 @@ class GenerationGroup:
             if start == stop:
                 continue
             indices.append(index)
-            refs.append(self.workers[index].generate.remote(
-                list(prompts[start:stop]), chat=self.chat, n=config.n, temperature=config.temperature,
-                top_p=config.top_p, max_tokens=config.max_tokens, stop=config.stop, seed=config.seed,
-                prompt_offset=start,
-            ))
+            refs.append(self._generate_on(index, prompts[start:stop], config, prompt_offset=start))
         return PendingRollouts(indices, refs)
+
+    def generate_each(self, prompts: Sequence[Prompt], **sampling: Any) -> list[list[Rollout]]:
+        """Every engine samples all of `prompts` (a check of each engine's weights); one list per engine."""
+        config = SamplingConfig.from_options(sampling)
+        return self._wait([self._generate_on(i, prompts, config) for i in range(self.num_workers)], "generate")
+
+    def _generate_on(self, index: int, prompts: Sequence[Prompt], config: SamplingConfig,
+                     prompt_offset: int = 0) -> ray.ObjectRef:
+        return self.workers[index].generate.remote(
+            list(prompts), chat=self.chat, n=config.n, temperature=config.temperature, top_p=config.top_p,
+            max_tokens=config.max_tokens, stop=config.stop, seed=config.seed, prompt_offset=prompt_offset)
 
     def collect(self, pending: PendingRollouts) -> list[Rollout]:
         shards = self._wait(pending.refs, "generate", pending.worker_indices)

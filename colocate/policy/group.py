@@ -206,6 +206,10 @@ class PolicyGroup:
         """`fn(worker, *args, **kwargs)` on every rank (e.g. a refit sender driving `iter_weights`)."""
         return self.run_all("execute", fn, *args, **kwargs)
 
+    def call_rank0(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(worker, *args, **kwargs)` on rank 0 alone (not a collective)."""
+        return self._wait([self.workers[0].execute.remote(fn, *args, **kwargs)], "execute")[0]
+
     def open_refit(self, per_rank: list[dict[str, Any]]) -> None:
         """Every rank's `open_refit(**per_rank[rank])` (`refit/policy_side.py`)."""
         self._wait([w.open_refit.remote(**kw) for w, kw in zip(self.workers, per_rank, strict=True)], "open_refit")

@@ -40,3 +40,9 @@ for line in open(path):
                if (k in keys if keys else k.startswith("refit") or k in ("step", "step_s"))})
 EOF
 }
+
+# A GRPO run that checks itself: after every step's refit each engine decodes 4 held-out prompts greedily as HF
+# transformers does on the policy's exported weights (refit.verify_every, RefitVerifyError otherwise). Random
+# weights score 0 on the task, so a reward that varies between their samples and a learning rate whose steps
+# show in bf16 make every refit carry changed weights.
+VERIFY=(refit.verify_every=1 reward.fn=tests.reward_fns:digit_share policy.lr=1e-3)

@@ -6,7 +6,8 @@
 #   bash docs/benchmarks/gpu_suite_megatron.sh test    # tests/policy/test_megatron_gpu.py: TP=2 fp32, PP=2 bf16 (~2 min)
 #   bash docs/benchmarks/gpu_suite_megatron.sh check   # colocate.check --refit --policy megatron: TP=2, then PP=2
 #   bash docs/benchmarks/gpu_suite_megatron.sh grpo    # 3 GRPO steps colocated, FSDP2 then Megatron TP=2; compare.json
-#   bash docs/benchmarks/gpu_suite_megatron.sh grpopp  # 3 GRPO steps colocated, Megatron PP=2 (its step metrics)
+#   bash docs/benchmarks/gpu_suite_megatron.sh grpopp  # 3 GRPO steps colocated, Megatron PP=2, each refit checked
+#                                                      # against HF (VERIFY in gpu_common.sh)
 #   bash docs/benchmarks/gpu_suite_megatron.sh test check   # both in one call
 # Qwen2.5-1.5B shapes with random weights, drawn on the GPU when /tmp/qwen-random is absent (~30 s).
 set -u
@@ -80,10 +81,11 @@ EOF
     bounded 400 "$OUT/grpo_megatron_pp2.log" python -m colocate.run +recipe=grpo_gpu model.path=$MODEL \
       placement.policy_workers=2 placement.generation_workers=2 placement.ray_address=local algorithm.steps=3 \
       algorithm.prompts_per_step=32 logging.progress=false policy=megatron policy.pipeline_parallel_size=2 \
-      hydra.run.dir="$OUT/grpo_megatron_pp2"
+      "${VERIFY[@]}" hydra.run.dir="$OUT/grpo_megatron_pp2"
     grep -hE "Error|error:" "$OUT/grpo_megatron_pp2.log" | tail -4
     step_metrics "$OUT/grpo_megatron_pp2/metrics.jsonl" step step_s training_s generation_s refit_ms \
-      refit_gather_ms refit_load_ms weight_version
+      refit_gather_ms refit_load_ms weight_version reward_std verify_prompts verify_greedy_equal verify_near_ties \
+      verify_max_logprob_diff
     ;;
   *) echo "unknown mode $mode (test | check | grpo | grpopp)"; exit 2 ;;
   esac

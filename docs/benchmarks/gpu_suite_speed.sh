@@ -10,6 +10,8 @@
 #   ab      #11: the same colocated (and, on 2 GPUs, split) rows from the code before the refit layer's move
 #           (.ab/old = e9aebc6: mkdir -p .ab/old && git archive e9aebc6 colocate | tar -x -C .ab/old)
 #   grpo    3 steps of +recipe=grpo_gpu on Qwen2.5-1.5B shapes (the in-training refit from the run's metrics)
+#   verify  3 steps of +recipe=grpo_gpu on Qwen2.5-1.5B shapes that check themselves (VERIFY in gpu_common.sh):
+#           every refit's engine against HF transformers on the policy's weights
 #   train2  2 GPUs, #15: the in-training bench over 2 ranks: FSDP2 over 2 GPUs (Llama-3-8B shapes) into 2 colocated
 #           engines, beside one all-gather + copy (colocate.bench.refit_ranks --engines 2 --engine-tp 1)
 #   grpo8b  2 GPUs: 3 steps of +recipe=grpo_gpu on Llama-3-8B shapes, FSDP2 over 2 ranks with 2 colocated engines
@@ -34,7 +36,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 
 source "$(dirname "$0")/gpu_common.sh"  # bounded, weights, step_metrics
 
-[ $# -gt 0 ] || { echo "usage: $0 tests|bench|train|train2|ab|grpo|grpo8b|tp|tptrain|tpgrpo|math|kl [...]"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|bench|train|train2|ab|grpo|verify|grpo8b|tp|tptrain|tpgrpo|math|kl [...]"; exit 2; }
 for mode in "$@"; do
   case $mode in
   tests)
@@ -83,6 +85,16 @@ for mode in "$@"; do
     grep -hE "Error|error:" "$OUT/grpo_gpu.log" | tail -4
     step_metrics "$OUT/grpo_gpu/metrics.jsonl"
     ;;
+  verify)
+    weights
+    bounded 300 "$OUT/grpo_verify.log" python -m colocate.run +recipe=grpo_gpu model.path=$MODEL "${VERIFY[@]}" \
+      placement.ray_address=local algorithm.steps=3 algorithm.prompts_per_step=16 algorithm.max_new_tokens=256 \
+      logging.progress=false hydra.run.dir="$OUT/grpo_verify"
+    grep -hE "Error|error:" "$OUT/grpo_verify.log" | tail -4
+    step_metrics "$OUT/grpo_verify/metrics.jsonl" step reward_std grad_norm refit_ms refit_receiver_worker_ms \
+      refit_receiver_task_ms refit_load_ms verify_prompts verify_greedy_equal verify_near_ties \
+      verify_max_logprob_diff verify_s
+    ;;
   tp)
     weights
     bounded 320 "$OUT/check_engine_tp2.log" python -m colocate.check $MODEL --refit --device cuda --transport zmq \
@@ -103,10 +115,11 @@ for mode in "$@"; do
     for sliced in true false; do
       bounded 260 "$OUT/grpo_engine_tp2_$sliced.log" python -m colocate.run +recipe=grpo_gpu model.path=$MODEL \
         placement.ray_address=local placement.policy_workers=2 placement.generation_workers=1 \
-        generation.tensor_parallel_size=2 refit.shard_slice=$sliced algorithm.steps=3 algorithm.prompts_per_step=16 \
+        generation.tensor_parallel_size=2 refit.shard_slice=$sliced "${VERIFY[@]}" algorithm.steps=3 algorithm.prompts_per_step=16 \
         algorithm.max_new_tokens=256 logging.progress=false hydra.run.dir="$OUT/grpo_engine_tp2_$sliced"
       grep -hE "Error|error:" "$OUT/grpo_engine_tp2_$sliced.log" | tail -4
-      step_metrics "$OUT/grpo_engine_tp2_$sliced/metrics.jsonl"
+      step_metrics "$OUT/grpo_engine_tp2_$sliced/metrics.jsonl" step reward_std refit_ms refit_sent_mb refit_sliced \
+        verify_prompts verify_greedy_equal verify_near_ties verify_max_logprob_diff
     done
     ;;
   train2)

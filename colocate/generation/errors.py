@@ -40,5 +40,10 @@ class WeightsIncompleteError(GenerationError):
     dropped them. Refit before generating."""
 
 
+class PrefixCacheError(GenerationError):
+    """vLLM refused to reset its prefix cache after new weights (blocks still held): the engine would serve
+    KV computed by the old weights, so the refit fails instead."""
+
+
 class GenerationWorkerError(GenerationError):
     """Any other exception a worker raised (the remote traceback is in the message)."""

@@ -76,3 +76,5 @@ class Rollout:
     sample_index: int
     """0..n-1 among the samples of this prompt."""
     response_text: str = ""
+    cached_tokens: int = 0
+    """Of the prompt's tokens, how many had their KV read from vLLM's prefix cache (whole blocks only)."""

@@ -134,7 +134,7 @@ class GenerationWorker:
                 rollouts.append(Rollout(
                     prompt_ids=prompt_ids_B[i], response_ids=tokens_R, logprobs=logprobs_R,
                     finish_reason=str(c.finish_reason), weight_version=version, prompt_index=prompt_offset + i,
-                    sample_index=c.index, response_text=c.text,
+                    sample_index=c.index, response_text=c.text, cached_tokens=out.num_cached_tokens or 0,
                 ))
         return rollouts
 
@@ -187,8 +187,9 @@ class GenerationWorker:
         return [{"key": k} for k in keys]
 
     def receive_refit(self, refit: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
-        """The update task of refit number `refit`: drain generation, receive, reset the prefix cache, bump
-        the version. Returns TP rank 0's receive stats (every rank receives the same stream).
+        """The update task of refit number `refit`: drain generation, receive, reset the prefix cache (if it
+        can hold anything: see backends.py), bump the version. Returns TP rank 0's receive stats (every rank
+        receives the same stream).
 
         Over broadcast the sender's store address is looked up here, in the actor, at the first refit (the
         async engine's workers live in a child process that is not connected to Ray)."""
@@ -250,7 +251,8 @@ class GenerationWorker:
 
     # -------------------------------------------------------------------------------------------- memory
     def sleep(self, level: int = 1) -> None:
-        """Release the weights and KV cache (GPU); in-flight requests finish first. A no-op on CPU.
+        """Release the weights and KV cache (GPU); in-flight requests finish first. On CPU it only forgets
+        the cached prefixes, as on GPU.
 
         Level 1 copies the weights to host memory and back on wake-up; level 2 drops them (no copies), for
         when a full refit follows: until one completes, `generate` raises `WeightsIncompleteError`.
@@ -260,6 +262,9 @@ class GenerationWorker:
         if not self.on_gpu:
             logger.warning("worker %d: sleep(level=%d) is a no-op on CPU (vLLM has no sleep mode there)",
                            self.index, level)
+            # What sleep does to the KV cache on GPU (its cached prefixes are forgotten), so that a refit
+            # after it behaves, and is tested, the same way here.
+            self._backend.forget_prefixes()
             return
         self._backend.sleep(level)
         self._asleep = set(ALL_TAGS)

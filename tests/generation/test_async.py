@@ -96,3 +96,37 @@ def test_broadcast_refit_into_the_async_engine(group, models):
     assert [r.response_ids for r in rollouts] == hf.greedy(models[0], prompt_ids, 16)
     group.close_refit()
     ray.get(sender.close.remote())
+
+
+def test_the_async_engine_drops_cached_prefixes_at_a_refit(group, models):
+    """As in test_group, through AsyncLLM's engine core: a refit after requests resets the prefix cache (the
+    next request finds no block cached and decodes as HF on the new weights); after sleep() it need not."""
+    tok = AutoTokenizer.from_pretrained(models[0])
+    long_ids = tok("Q: 12+7= A: 19. " * 40)["input_ids"][:160]  # one whole 128-token KV block (CPU) and some
+    want = {seed: hf.greedy(path, [long_ids], 16)[0] for seed, path in models.items()}
+    job, job_dir, token = "test-generation-async-prefix", new_job_dir(), new_token()
+    [key] = [i["key"] for i in group.open_refit("zmq", job=job, token=token, timeout_s=TIMEOUT, job_dir=job_dir)]
+    sender = CheckpointSender.remote(job=job, job_dir=job_dir, token=token, key=key, timeout_s=TIMEOUT)
+    ray.get(sender.__ray_ready__.remote())
+
+    def refit_to(seed):
+        await_refit({"sender": [sender.stream.remote(models[seed])], "receiver": group.receive_refit_futures()},
+                    timeout_s=2 * TIMEOUT)
+
+    def decode():
+        [r] = group.generate([long_ids], temperature=0.0, max_tokens=16)
+        return r.response_ids, r.cached_tokens
+
+    refit_to(0)
+    decode()
+    tokens, cached = decode()
+    assert tokens == want[0] and cached >= 128
+    refit_to(1)
+    assert decode() == (want[1], 0)
+    group.sleep(level=1)
+    assert group.status()[0]["prefixes_cached"] is False
+    group.wake_up()
+    refit_to(0)
+    assert decode() == (want[0], 0)
+    group.close_refit()
+    ray.get(sender.close.remote())

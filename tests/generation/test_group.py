@@ -32,6 +32,8 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["Q: 12+7= A:", "Q: 93-40= A:", "The answer is", "what is the sum"]
 MAX_TOKENS = 16
 MAX_MODEL_LEN = 256
+CPU_BLOCK = 128  # vLLM's KV block size on CPU: only whole blocks are cached
+LONG_PROMPT = 160  # tokens: one whole block and some
 TIMEOUT = 30.0
 # vLLM's CPU kernels and HF's eager float32 forward differ by rounding only (measured: < 2e-5).
 LOGPROB_ATOL = 1e-3
@@ -136,6 +138,35 @@ def test_failed_refit_blocks_generation_until_the_next_one(group, refit_pair, mo
     refit(group, refit_pair, models[0])
     assert group.weight_versions() == [3, 3]
     assert greedy(group) == hf.greedy(models[0], prompt_ids, MAX_TOKENS)
+
+
+def test_a_refit_drops_cached_prefixes_and_after_sleep_needs_no_reset(group, refit_pair, models):
+    """Prefix caching is on, so a refit must drop the KV blocks the old weights computed: the next request
+    finds none cached and decodes as HF does on the new weights. sleep() forgets the cache (on CPU as on GPU),
+    so the refit after it skips the reset (it walks every block: milliseconds on a GPU's cache)."""
+    tok = AutoTokenizer.from_pretrained(models[0])
+    long_ids = tok("Q: 12+7= A: 19. " * 40)["input_ids"][:LONG_PROMPT]
+    want = {seed: hf.greedy(path, [long_ids], MAX_TOKENS)[0] for seed, path in models.items()}
+    assert want[0] != want[1]
+
+    def decode():  # on each engine: its tokens, and how many prompt tokens came from its prefix cache
+        per_engine = group.generate_each([long_ids], temperature=0.0, max_tokens=MAX_TOKENS)
+        return [r.response_ids for [r] in per_engine], [r.cached_tokens for [r] in per_engine]
+
+    decode()
+    tokens, cached = decode()
+    assert tokens == [want[0]] * 2 and min(cached) >= CPU_BLOCK  # the cache serves the prompt's first block
+    refit(group, refit_pair, models[1])  # a cache that holds blocks: the refit resets it
+    tokens, cached = decode()
+    assert tokens == [want[1]] * 2 and cached == [0, 0]
+    decode()
+    group.sleep(level=1)
+    assert [s["prefixes_cached"] for s in group.status()] == [False, False]
+    group.wake_up()
+    refit(group, refit_pair, models[0])  # nothing cached: no reset
+    tokens, cached = decode()
+    assert tokens == [want[0]] * 2 and cached == [0, 0]
+    assert [s["prefixes_cached"] for s in group.status()] == [True, True]
 
 
 def test_broadcast_refit(group, models, prompt_ids):

@@ -5,6 +5,8 @@
 Level 1 keeps a host copy of the weights; level 2 drops them, and generating before the refit is refused.
 
 The engine, started from model A and refit to B while asleep, must decode exactly as an engine started from B.
+Its prefix cache holds a long prompt's blocks from A before the sleep; the refit after the sleep does not reset
+it (sleep forgot it: vLLM's `EngineCore.sleep` clears it), and no block of A's may be served after it.
 Each phase is timed and printed. Skipped without CUDA; run on the device machine with `pytest -m gpu -s`.
 """
 
@@ -23,7 +25,8 @@ from colocate.refit.ipc.jobdir import new_job_dir, new_token
 from tests.generation.actors import CheckpointSender
 
 pytestmark = pytest.mark.gpu
-PROMPTS = [[1, 5, 9, 33], [7, 7, 2], [100, 4, 250, 3, 9]]
+# The last spans four whole KV blocks (16 tokens each on GPU), which the prefix cache keeps.
+PROMPTS = [[1, 5, 9, 33], [7, 7, 2], [100, 4, 250, 3, 9], [(7 * i) % 500 + 1 for i in range(70)]]
 MAX_TOKENS = 16
 TIMEOUT = 60.0
 ENGINE = dict(num_workers=1, num_gpus_per_worker=0.5, dtype="bfloat16", kv_cache_memory_bytes=256 << 20,
@@ -32,6 +35,10 @@ ENGINE = dict(num_workers=1, num_gpus_per_worker=0.5, dtype="bfloat16", kv_cache
 
 def greedy(group):
     return [r.response_ids for r in group.generate(PROMPTS, temperature=0.0, max_tokens=MAX_TOKENS)]
+
+
+def cached_tokens(group):
+    return [r.cached_tokens for r in group.generate(PROMPTS, temperature=0.0, max_tokens=1)]
 
 
 @pytest.mark.parametrize(("engine", "level"), [("sync", 1), ("sync", 2), ("async", 1), ("async", 2)])
@@ -44,6 +51,7 @@ def test_sleep_wake_refit_on_gpu(ray_session, tmp_path, engine, level):
 
     group = GenerationGroup(engine=engine, model=a, **ENGINE)
     assert greedy(group) != want_b
+    assert cached_tokens(group)[-1] >= 64  # A's blocks of the long prompt are cached
     job, job_dir, token = f"test-generation-gpu-{engine}", new_job_dir(), new_token()
     [key] = [i["key"] for i in group.open_refit("zmq", job=job, token=token, timeout_s=TIMEOUT, job_dir=job_dir)]
     assert "/cuda:" in key
@@ -62,6 +70,7 @@ def test_sleep_wake_refit_on_gpu(ray_session, tmp_path, engine, level):
         return out
 
     phase(f"sleep(level={level})", lambda: group.sleep(level=level))
+    assert group.status()[0]["prefixes_cached"] is False  # so the refit will not reset it
     with pytest.raises(GenerationWorkerError, match="asleep"):
         group.generate(PROMPTS, max_tokens=4)
     phase("wake_up(weights)", lambda: group.wake_up(["weights"]))
@@ -72,9 +81,10 @@ def test_sleep_wake_refit_on_gpu(ray_session, tmp_path, engine, level):
     phase("refit", lambda: await_refit({"sender": [sender.stream.remote(b)],
                                         "receiver": group.receive_refit_futures()}, timeout_s=2 * TIMEOUT))
     phase("wake_up(kv_cache)", lambda: group.wake_up(["kv_cache"]))
-    got = phase("generate", lambda: greedy(group))
+    rollouts = phase("generate", lambda: group.generate(PROMPTS, temperature=0.0, max_tokens=MAX_TOKENS))
     print(f"\n{engine}, level {level}: " + ", ".join(f"{name} {s * 1000:.1f} ms" for name, s in seconds.items()))
-    assert got == want_b
+    assert [r.cached_tokens for r in rollouts] == [0] * len(PROMPTS)  # nothing of A's served
+    assert [r.response_ids for r in rollouts] == want_b
     assert group.weight_versions() == [1]
     ray.get(sender.close.remote())
     group.shutdown()

@@ -91,9 +91,9 @@ for mode in "$@"; do
       placement.ray_address=local algorithm.steps=3 algorithm.prompts_per_step=16 algorithm.max_new_tokens=256 \
       logging.progress=false hydra.run.dir="$OUT/grpo_verify"
     grep -hE "Error|error:" "$OUT/grpo_verify.log" | tail -4
-    step_metrics "$OUT/grpo_verify/metrics.jsonl" step reward_std grad_norm refit_ms refit_receiver_worker_ms \
-      refit_receiver_task_ms refit_load_ms verify_prompts verify_greedy_equal verify_near_ties \
-      verify_max_logprob_diff verify_s
+    step_metrics "$OUT/grpo_verify/metrics.jsonl"  # step, step_s and every refit_* part
+    step_metrics "$OUT/grpo_verify/metrics.jsonl" step reward_std grad_norm verify_prompts verify_greedy_equal \
+      verify_near_ties verify_max_logprob_diff verify_s
     ;;
   tp)
     weights

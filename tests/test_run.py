@@ -53,8 +53,10 @@ def test_entry_point_runs_every_stage(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:  # every stage ran and reported
         for key in ("reward_mean", "reward_std", "loss", "grad_norm", "generation_s", "training_s", "refit_ms",
-                    "tokens_per_s", "sleep_wake_s", "weight_version", "step_s", "refit_share"):
+                    "tokens_per_s", "sleep_wake_s", "weight_version", "step_s", "refit_share",
+                    "prompt_cached_share"):
             assert key in r, key
+        assert r["prompt_cached_share"] == 0  # the task's prompts are shorter than one KV block (128 on CPU)
         assert r["refit_ms"] > 0
         # Each side's whole task holds its timed parts and lies within the refit the driver timed.
         assert r["refit_pack_ms"] + r["refit_wait_ms"] <= r["refit_sender_task_ms"] <= r["refit_ms"]

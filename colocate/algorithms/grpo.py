@@ -180,6 +180,10 @@ class GRPO:
         responses = [list(r.response_ids) for r in rollouts]
         n_tokens = sum(len(r) for r in responses)
         m["tokens_per_s"] = n_tokens / m["generation_s"]
+        # Of the prompt tokens, the share whose KV vLLM's prefix cache served (a group's samples share whole
+        # blocks of their prompt; 0 for prompts shorter than a block).
+        m["prompt_cached_share"] = sum(r.cached_tokens for r in rollouts) / max(sum(len(r.prompt_ids)
+                                                                                  for r in rollouts), 1)
         texts = [self.tok.decode(r, skip_special_tokens=True) for r in responses]
         with timed(m, "reward_s"):
             rewards_B = self.score(texts, [problems[i // self.G] for i in range(len(texts))])

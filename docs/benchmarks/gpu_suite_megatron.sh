@@ -8,6 +8,8 @@
 #   bash docs/benchmarks/gpu_suite_megatron.sh grpo    # 3 GRPO steps colocated, FSDP2 then Megatron TP=2; compare.json
 #   bash docs/benchmarks/gpu_suite_megatron.sh grpopp  # 3 GRPO steps colocated, Megatron PP=2, each refit checked
 #                                                      # against HF (VERIFY in gpu_common.sh)
+#   bash docs/benchmarks/gpu_suite_megatron.sh grpo1   # one H200: 3 GRPO steps colocated, Megatron TP=1 PP=1, each
+#                                                      # refit checked against HF (VERIFY)
 #   bash docs/benchmarks/gpu_suite_megatron.sh test check   # both in one call
 # Qwen2.5-1.5B shapes with random weights, drawn on the GPU when /tmp/qwen-random is absent (~30 s).
 set -u
@@ -20,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 
 source "$(dirname "$0")/gpu_common.sh"  # bounded, weights, step_metrics
 
-[ $# -gt 0 ] || { echo "usage: $0 test|check|grpo|grpopp [...]"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 test|check|grpo|grpopp|grpo1 [...]"; exit 2; }
 for mode in "$@"; do
   case $mode in
   test)
@@ -75,6 +77,16 @@ for run, r in result.items():
             f"{s.get(k, float('nan')):16.1f}" for k in ("refit_ms", "step_s", "training_s", "generation_s")))
 EOF
     grep -hE "Error|error:" "$OUT"/grpo_*.log | grep -v -i warn | tail -6
+    ;;
+  grpo1)
+    weights
+    bounded 330 "$OUT/grpo_megatron_1gpu.log" python -m colocate.run +recipe=grpo_gpu model.path=$MODEL \
+      placement.ray_address=local algorithm.steps=3 algorithm.prompts_per_step=16 algorithm.max_new_tokens=256 \
+      logging.progress=false policy=megatron "${VERIFY[@]}" hydra.run.dir="$OUT/grpo_megatron_1gpu"
+    grep -hE "Error|error:" "$OUT/grpo_megatron_1gpu.log" | tail -4
+    step_metrics "$OUT/grpo_megatron_1gpu/metrics.jsonl"
+    step_metrics "$OUT/grpo_megatron_1gpu/metrics.jsonl" step reward_std grad_norm verify_prompts \
+      verify_greedy_equal verify_near_ties verify_max_logprob_diff verify_s
     ;;
   grpopp)
     weights

@@ -45,4 +45,4 @@ EOF
 # transformers does on the policy's exported weights (refit.verify_every, RefitVerifyError otherwise). Random
 # weights score 0 on the task, so a reward that varies between their samples and a learning rate whose steps
 # show in bf16 make every refit carry changed weights.
-VERIFY=(refit.verify_every=1 reward.fn=tests.reward_fns:digit_share policy.lr=1e-3)
+VERIFY=(refit.verify_every=1 reward.fn=tests.reward_fns:text_length policy.lr=1e-3)

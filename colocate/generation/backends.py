@@ -211,8 +211,11 @@ class AsyncBackend:
         self.prefixes_cached = False
 
     def sleep(self, level: int) -> None:
-        self._run(self._exclusive(self._engine.sleep(level=level)))
-        self.prefixes_cached = False  # level >= 1 discards the KV cache, its prefix hashes with it
+        async def sleep() -> None:  # the flag inside the gate: no request can be admitted in between
+            await self._engine.sleep(level=level)
+            self.prefixes_cached = False  # level >= 1 discards the KV cache, its prefix hashes with it
+
+        self._run(self._exclusive(sleep()))
 
     def forget_prefixes(self) -> None:
         async def forget() -> None:

@@ -150,7 +150,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (t._local_tensor if isinstance(t, DTensor) else t).detach()
 
 
-@torch.no_grad()
 def iter_weight_sources(
     model: nn.Module, dtype: torch.dtype | None = None, *, fsdp_param_dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, Source]]:
@@ -164,7 +163,13 @@ def iter_weight_sources(
     - anything else (uneven shards, a checkpoint conversion): gathered whole at its first fill, converted.
     Every collective runs inside a fill, never in the generator itself: the ranks call their fills in
     manifest order (a sender as it packs each bucket, a rank that sends nothing as it iterates) but pull from
-    the generator at different times, so a collective there would run in a different order on each rank."""
+    the generator at different times, so a collective there would run in a different order on each rank.
+
+    Per weight per refit this runs in Python on the critical path (338 weights for Qwen2.5-1.5B), so each
+    mesh's size is asked once per call (DeviceMesh.size() recomputes it from its layout: ~15 us, three times
+    a weight before), and there is no `torch.no_grad()` around the generator (entered and left at every
+    `next`): every tensor it or its fills touch is detached (`_local`, `_Whole`), and the fills run later,
+    outside any context the generator sets anyway."""
     if dtype is None:
         yield from iter_full_weights(model, dtype, fsdp_param_dtype=fsdp_param_dtype)
         return
@@ -172,6 +177,18 @@ def iter_weight_sources(
     reshard(model)
     owners = _owners(model)
     run: list[tuple[str, DTensor]] = []
+    mesh_sizes: dict[int, int] = {}  # id(mesh) -> its size, for the meshes alive during this call
+
+    def sharded_evenly(t: torch.Tensor) -> int:
+        """The size of `t`'s mesh if `t` is a DTensor sharded along dim 0 into equal shards over a 1-D mesh
+        (FSDP2's layout without padding), else 0."""
+        if not isinstance(t, DTensor):
+            return 0
+        mesh = t.device_mesh
+        size = mesh_sizes.get(id(mesh))
+        if size is None:
+            size = mesh_sizes[id(mesh)] = mesh.size() if mesh.ndim == 1 else 0
+        return size if size and tuple(t.placements) == SHARD0 and t.shape[0] % size == 0 else 0
 
     def flush() -> Iterator[tuple[str, Source]]:
         if run:
@@ -181,13 +198,14 @@ def iter_weight_sources(
 
     for name, module, attr in _state_refs(model):
         tensor = getattr(module, attr)
-        if fmt.is_identity(name) and _even_dim0(tensor) and tensor.device_mesh.size() > 1:
+        world = sharded_evenly(tensor) if fmt.is_identity(name) else 0
+        if world > 1:
             if run and (owners[name] != owners[run[-1][0]] or tensor.device_mesh is not run[-1][1].device_mesh):
                 yield from flush()
             run.append((name, tensor))
             continue
         yield from flush()
-        if fmt.is_identity(name) and _even_dim0(tensor):  # one rank: the shard is the tensor
+        if world == 1:  # one rank: the shard is the tensor
             local = _local(tensor)
             yield name, Fill(tuple(tensor.shape), dtype, local.device, lambda out, src=local: out.copy_(src))
             continue
@@ -223,10 +241,7 @@ class _Whole:
             self.parts = None
 
 
-def _even_dim0(t: torch.Tensor) -> bool:
-    """A DTensor sharded along dim 0 into equal shards over a 1-D mesh (FSDP2's layout without padding)."""
-    return (isinstance(t, DTensor) and t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
-            and t.shape[0] % t.device_mesh.size() == 0)
+SHARD0 = (Shard(0),)
 
 
 def _owners(model: nn.Module) -> dict[str, int]:

@@ -299,7 +299,8 @@ def hf(models):
 
 @pytest.fixture(scope="module")
 def engines(models):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # A private instance, never a Ray cluster already running on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     actors = [EngineActor.remote(models[0]) for _ in range(2)]
     yield actors

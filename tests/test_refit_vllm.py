@@ -42,7 +42,8 @@ def hf(models):
 
 @pytest.fixture(scope="module")
 def pair(models):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # A private instance, never a Ray cluster already running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     job, job_dir, token = "test-refit-vllm", new_job_dir(), new_token()
     rendezvous = get_rendezvous(job)  # held by the driver for the module: the actors come and go

@@ -13,7 +13,8 @@ def ray_session():
     if ray.is_initialized():  # started by whoever ran before us: share it, leave it running
         yield
         return
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # A private instance, never a Ray cluster already running on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()

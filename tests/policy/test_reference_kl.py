@@ -35,7 +35,8 @@ def param_dtype(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def group(param_dtype: str, model_path: Path) -> Iterator[PolicyGroup]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A private instance, never a Ray cluster already running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     g = PolicyGroup(num_workers=2, num_cpus_per_worker=0.5, env_vars={"OMP_NUM_THREADS": "1"}, call_timeout_s=120,
                     model_path=str(model_path), device="cpu", param_dtype=param_dtype, lr=1e-3,
                     micro_batch_size=2, kl_coef=KL_COEF, reference=True, seed=0)

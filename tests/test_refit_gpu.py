@@ -122,6 +122,48 @@ def test_one_copy_stream_reads_the_senders_tensors_in_place():
     shutil.rmtree(job_dir, ignore_errors=True)
 
 
+def test_one_copy_reads_views_of_other_layouts_in_place():
+    """Weights inside parameters of another layout (Megatron's q, k, v in its interleaved linear_qkv: strided
+    views of other shapes; a transposed tensor) are read in place and arrive as the tensors they stand for,
+    also after the parameters change in place."""
+    from colocate.policy.megatron.convert import Dims, interleave_qkv, qkv_group_views
+    from colocate.refit.ipc.sender import RefitSender
+
+    job_dir, token = new_job_dir(), new_token()
+    conn, child = CTX.Pipe()
+    proc = CTX.Process(target=_gpu_receiver, args=(child, job_dir, token, 2), daemon=True)
+    proc.start()
+    address = conn.recv()
+    dims = Dims(num_layers=1, hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=64,
+                vocab_size=64, qkv_bias=False, qk_norm=False, tied=True)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(r, 256, device="cuda", generator=g).bfloat16() for r in (256, 64, 64))
+    qkv = interleave_qkv(q, k, v, dims)
+    norm_t = torch.randn(256, 64, device="cuda", generator=g).bfloat16()
+    resident = [*zip(("q", "k", "v"), qkv_group_views(qkv, dims), strict=True), ("t", norm_t.t())]
+    meta = [(n, "bfloat16", s) for n, s in (("q", (256, 256)), ("k", (64, 256)), ("v", (64, 256)), ("t", (64, 256)))]
+    s = RefitSender(address=address, token=token, job_dir=job_dir, device="cuda", buffer_bytes=1 << 20,
+                    timeout_s=60)
+    assert s.one_copy(resident)
+    for refit in range(2):
+        if refit:
+            qkv.mul_(2)
+            norm_t.add_(1)
+        stats = s.stream(iter([]), meta, resident=resident)
+        assert stats.one_copy
+        assert conn.poll(60)
+        got = conn.recv()
+        assert isinstance(got, dict), got
+        for (n, view), (_, _, shape) in zip(resident, meta, strict=True):
+            want = view.reshape(shape).cpu().contiguous()
+            assert got[n] == ("torch.bfloat16", shape, want.view(-1).view(torch.uint8).numpy().tobytes()), n
+    assert len(s._shared) == 2  # qkv's storage once for its three views, and the transposed tensor's
+    assert conn.poll(60) and conn.recv() == 2
+    s.close()
+    proc.join(30)
+    shutil.rmtree(job_dir, ignore_errors=True)
+
+
 def _gpu_sender(conn, address, job_dir, token, one_copy):
     """Streams the checkpoint at each path it is sent (CUDA IPC needs two processes), replies fingerprints.
     `one_copy`: the engine reads fp32 copies of the tensors in place, casting them to the checkpoint's bf16;

@@ -24,6 +24,9 @@ In-training mode (`--policy fsdp2`; `--model` a directory with weights, or tiny)
   policy_buffered      fills: each shard cast straight into the ping-pong buffers, then the engine's copy
   policy_gather_clone  the path before: FSDP unshard, a clone per tensor, pack, the engine's copy
   floor_cast_copy      one process, one cast + copy per tensor from the fp32 parameters: the floor
+`--policy megatron` (CUDA): one Megatron-core rank (tp = pp = 1, bf16 parameters) instead; `policy` is one copy
+from its parameters (q, k, v as strided views of the interleaved qkv: refit/folded.py), `policy_buffered`
+converts to HF tensors and packs them (the path of tp > 1 or pp > 1), the floor copies each parameter once.
 Rows report the sender's gather, pack and wait and the engine's load beside the time.
 `correct` (refit methods): after one more, recorded refit, the tensors the engine was handed equal what was
 sent (CPU: sha256 of the bytes; GPU: on-device word sums), and so do the engine's parameters wherever vLLM
@@ -68,8 +71,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--buffer-mb", type=float, default=1024, help="size of each of the two ping-pong buffers")
     p.add_argument("--methods", default=None, help="default: every method of the mode")
-    p.add_argument("--policy", choices=["none", "fsdp2"], default="none",
-                   help="fsdp2: the in-training mode (a real one-rank FSDP2 policy is the trainer)")
+    p.add_argument("--policy", choices=["none", "fsdp2", "megatron"], default="none",
+                   help="the in-training mode: a real one-rank FSDP2 (or Megatron-core, CUDA) policy is the trainer")
     p.add_argument("--sweep-mb", default="", help="also time `colocate` at these buffer sizes, e.g. 256,2048")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", dest="json_path", default=None)
@@ -291,15 +294,40 @@ def fsdp2_trainer(model_dir: str, device: str, dtype: torch.dtype, rank: int = 0
     return worker, manifest_meta_of(worker.weights_manifest(dtype)), perturb
 
 
+def megatron_trainer(model_dir: str, dtype: torch.dtype):
+    """`--policy megatron`'s trainer: one Megatron-core rank (tp = pp = 1, bf16 parameters in its DDP buffer,
+    fp32 master weights in the distributed optimizer), as `fsdp2_trainer` returns it."""
+    from colocate.policy.megatron.worker import MegatronPolicyWorker
+    from colocate.refit.plan import manifest_meta_of
+
+    worker = MegatronPolicyWorker(model_path=model_dir, rank=0, world_size=1, master_addr="127.0.0.1",
+                                  master_port=_free_port(), param_dtype="bfloat16")
+    params = list(worker.model.module.parameters())
+    step = [0]
+
+    def perturb() -> None:
+        step[0] += 1
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1.0 + 2.0 ** -(4 + step[0] % 3))
+        _sync("cuda")
+
+    return worker, manifest_meta_of(worker.weights_manifest(dtype)), perturb
+
+
 def _policy_trainer(conn, a: dict[str, Any]) -> None:
-    """The in-training mode's trainer: a one-rank FSDP2 policy; see the module docstring."""
+    """The in-training mode's trainer: a one-rank FSDP2 or Megatron policy; see the module docstring."""
     from colocate.refit.checksum import fingerprint
     from colocate.refit.ipc.sender import RefitSender
 
     device, repeats = a["device"], a["repeats"]
     dtype = getattr(torch, a["dtype"])
-    worker, meta, perturb = fsdp2_trainer(a["model_dir"], device, dtype)
-    params = list(worker.model.parameters())
+    if a["policy"] == "megatron":
+        worker, meta, perturb = megatron_trainer(a["model_dir"], dtype)
+        params = list(worker.model.module.parameters())
+    else:
+        worker, meta, perturb = fsdp2_trainer(a["model_dir"], device, dtype)
+        params = [p.to_local() for p in worker.model.parameters()]
 
     def weights_fps() -> dict[str, str]:
         return {n: fingerprint(t) for n, t in worker.iter_weights(dtype)}
@@ -318,7 +346,7 @@ def _policy_trainer(conn, a: dict[str, Any]) -> None:
         row: dict[str, Any] = {"method": method, "buffer_bytes": a["buffer_bytes"]}
         try:
             if method == "floor_cast_copy":
-                pairs = [(torch.empty(p.shape, dtype=dtype, device=p.device), p.to_local().detach()) for p in params]
+                pairs = [(torch.empty(p.shape, dtype=dtype, device=p.device), p.detach()) for p in params]
 
                 def run(pairs=pairs) -> None:
                     for d, t in pairs:
@@ -414,7 +442,11 @@ def _serve_engine(llm, conn, proc) -> list[dict[str, Any]]:
 def plan_run(args: argparse.Namespace, known: tuple[str, ...]) -> tuple[list[str], str, Path, bool, Any]:
     """What a run of the refit benches times, checked before anything starts: (methods, dtype, model
     directory, whether it holds weights, the (name, shape) of every tensor)."""
-    training = getattr(args, "policy", "none") == "fsdp2"
+    training = getattr(args, "policy", "none") != "none"
+    if getattr(args, "policy", "none") == "megatron":
+        if args.device != "cuda":
+            raise SystemExit("--policy megatron runs on CUDA only (megatron-core's model code)")
+        known = tuple(m for m in known if m != "policy_gather_clone")  # an FSDP2 path
     methods = [m.strip() for m in (args.methods or ",".join(known)).split(",") if m.strip()]
     unknown = sorted(set(methods) - set(known))
     if unknown:
@@ -423,7 +455,7 @@ def plan_run(args: argparse.Namespace, known: tuple[str, ...]) -> tuple[list[str
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" or training else "float32")
     model_dir, has_weights = resolve_model(args.model)
     if training and not has_weights:
-        raise SystemExit(f"--policy fsdp2 needs weights in --model ({model_dir}); build random ones with "
+        raise SystemExit(f"--policy {args.policy} needs weights in --model ({model_dir}); build random ones with "
                          "python -m colocate.models.random_init --shapes <shape set> --out DIR")
     return methods, dtype, model_dir, has_weights, param_meta(model_dir, getattr(torch, dtype))
 
@@ -431,7 +463,7 @@ def plan_run(args: argparse.Namespace, known: tuple[str, ...]) -> tuple[list[str
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from colocate.engine.vllm_engine import make_llm, shutdown_llm
 
-    training = args.policy == "fsdp2"
+    training = args.policy != "none"
     methods, dtype, model_dir, has_weights, meta = plan_run(args, TRAINING_METHODS if training else ALL_METHODS)
     job_dir, token = new_job_dir(), new_token()
     extra: dict[str, Any] = {}
@@ -453,6 +485,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proc = ctx.Process(target=policy_trainer_main if training else trainer_main, daemon=True, args=(child, dict(
         device=args.device, meta=meta, dtype=dtype, repeats=args.repeats, methods=methods, address=address,
         token=token, job_dir=job_dir, buffer_bytes=buffer_bytes, timeout=args.timeout, model_dir=str(model_dir),
+        policy=args.policy,
         sweep_mb=[float(x) for x in args.sweep_mb.split(",") if x.strip()])))
     proc.start()
     try:
@@ -489,7 +522,7 @@ def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, *,
     return {
         "device": device,
         "model": args.model,
-        "mode": "in-training (one-rank FSDP2 policy)" if getattr(args, "policy", "none") == "fsdp2" else "tensors",
+        "mode": _MODES.get(getattr(args, "policy", "none"), "tensors"),
         "dtype": dtype,
         "bytes": total_bytes,
         "tensors": n_tensors,
@@ -500,6 +533,9 @@ def _report(args, dtype, total_bytes, n_tensors, buffer_bytes, rows, *,
         "software": _versions(),
         "results": rows,
     }
+
+
+_MODES = {"fsdp2": "in-training (one-rank FSDP2 policy)", "megatron": "in-training (one-rank Megatron-core policy)"}
 
 
 def _cpu_name() -> str:

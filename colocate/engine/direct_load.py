@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from colocate.refit.folded import fold_into, unfold
 from colocate.refit.slices import slice_data
 
 # Tensors from this size up are copied one by one (see `DirectLoader.load`).
@@ -122,7 +123,7 @@ class DirectLoader:
         for dsts, srcs in plan.small:
             torch._foreach_copy_(dsts, srcs, non_blocking=True)
         if plan.rest:
-            self.model.load_weights(weights=[(n, t if dtype is None else t.to(dtype)) for n, t in plan.rest])
+            self.model.load_weights(weights=[(n, unfold(t if dtype is None else t.to(dtype))) for n, t in plan.rest])
         return len(plan.rest)
 
     def _plan(self, weights: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> _Plan:
@@ -131,9 +132,13 @@ class DirectLoader:
         for name, t in weights:
             data, piece = slice_data(t)  # a shard-sliced tensor: the slice that arrived
             d = self._destination(name, data, dtype, sliced=piece is not None)
-            if d is None:
+            # A FoldedTensor (a view inside a parameter of another layout): the destination viewed its way.
+            pair = fold_into(d, data) if d is not None else None
+            if pair is None:
                 plan.rest.append((name, t))
-            elif d.nbytes >= FOREACH_MAX_BYTES:
+                continue
+            d, data = pair
+            if d.nbytes >= FOREACH_MAX_BYTES:
                 plan.big.append((d, data))
             else:
                 dsts, srcs = small.setdefault(data.dtype, ([], []))

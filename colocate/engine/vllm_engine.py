@@ -54,6 +54,7 @@ import torch
 
 from colocate.engine.accepts import OfferCheck
 from colocate.engine.direct_load import DirectLoader, can_load_directly
+from colocate.refit.folded import unfold
 from colocate.refit.plan import dtype_name
 
 if TYPE_CHECKING:
@@ -217,8 +218,8 @@ def load_weights_into_worker(worker: Any, weights: list[tuple[str, torch.Tensor]
             memo[("received", dtype)] = received
     getattr(worker, _RECEIVED).update(received)
     direct = getattr(worker, _LOAD_MODE, "direct") == "direct" and can_load_directly(worker)
-    if dtype is not None and not direct:
-        weights = [(n, t.to(dtype)) for n, t in weights]
+    if not direct:  # vLLM's loader: plain tensors, of the dtype they stand for
+        weights = [(n, unfold(t if dtype is None else t.to(dtype))) for n, t in weights]
     if _uses_layerwise_reload(worker):
         weights = [(name, tensor.clone()) for name, tensor in weights]
     elif direct:

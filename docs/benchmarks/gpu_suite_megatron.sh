@@ -10,6 +10,8 @@
 #                                                      # against HF (VERIFY in gpu_common.sh)
 #   bash docs/benchmarks/gpu_suite_megatron.sh grpo1   # one H200: 3 GRPO steps colocated, Megatron TP=1 PP=1, each
 #                                                      # refit checked against HF (VERIFY)
+#   bash docs/benchmarks/gpu_suite_megatron.sh bench1  # one H200: the in-training refit bench, a one-rank Megatron
+#                                                      # policy (one copy from its parameters; buffered) then FSDP2's
 #   bash docs/benchmarks/gpu_suite_megatron.sh test check   # both in one call
 # Qwen2.5-1.5B shapes with random weights, drawn on the GPU when /tmp/qwen-random is absent (~30 s).
 set -u
@@ -22,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 
 source "$(dirname "$0")/gpu_common.sh"  # bounded, weights, step_metrics
 
-[ $# -gt 0 ] || { echo "usage: $0 test|check|grpo|grpopp|grpo1 [...]"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 test|check|grpo|grpopp|grpo1|bench1 [...]"; exit 2; }
 for mode in "$@"; do
   case $mode in
   test)
@@ -88,6 +90,14 @@ EOF
     step_metrics "$OUT/grpo_megatron_1gpu/metrics.jsonl" step reward_std grad_norm verify_prompts \
       verify_greedy_equal verify_near_ties verify_max_logprob_diff verify_s
     ;;
+  bench1)
+    weights
+    for policy in megatron fsdp2; do
+      bounded 240 "$OUT/training_$policy.log" python -m colocate.bench.refit --device cuda --model $MODEL \
+        --policy $policy --repeats 20 --json "$OUT/training_$policy.json"
+      grep -A8 "median of" "$OUT/training_$policy.log"
+    done
+    ;;
   grpopp)
     weights
     bounded 400 "$OUT/grpo_megatron_pp2.log" python -m colocate.run +recipe=grpo_gpu model.path=$MODEL \
@@ -99,7 +109,7 @@ EOF
       refit_gather_ms refit_load_ms weight_version reward_std verify_prompts verify_greedy_equal verify_near_ties \
       verify_max_logprob_diff
     ;;
-  *) echo "unknown mode $mode (test | check | grpo | grpopp)"; exit 2 ;;
+  *) echo "unknown mode $mode (test | check | grpo | grpopp | grpo1 | bench1)"; exit 2 ;;
   esac
 done
 echo "done in $SECONDS s"

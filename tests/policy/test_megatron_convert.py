@@ -25,6 +25,7 @@ from colocate.policy.megatron.convert import (
     interleave_qkv,
     mappings,
     megatron_state,
+    resident_views,
     shard,
     split_qkv,
     unshard,
@@ -113,6 +114,28 @@ def test_export_order_is_the_manifest_order(checkpoints: dict[str, Path], model:
     assert [n for m in order for n in m.hf] == list(hf_shapes(dims))
     assert [m.stage for m in order] == sorted(m.stage for m in order)  # stage by stage: each pipeline rank in turn
     assert all(m.export for m in order) and len({m.megatron + str(m.stage) for m in order}) == len(order)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_resident_views_are_the_hf_tensors_in_place(checkpoints: dict[str, Path], model: str) -> None:
+    """The one-copy refit's sources at tp = pp = 1: every HF tensor, in manifest order, as a view of the Megatron
+    parameter holding it (no copy), whose elements in row-major order are the HF tensor's: what the engine
+    unfolds them as (`refit/folded.py`). q, k and v are views of other shapes (GQA: the groups interleave)."""
+    path = checkpoints[model]
+    hf = _read(path)
+    dims = dims_from_hf_config(AutoConfig.from_pretrained(path))
+    params = megatron_state(hf.__getitem__, dims)
+    storages = {t.untyped_storage().data_ptr() for t in params.values()}
+    views = resident_views(params, dims)
+    assert [n for n, _ in views] == list(hf_shapes(dims))
+    for name, view in views:
+        assert view.untyped_storage().data_ptr() in storages, name  # read in place, not copied
+        assert view.dtype == hf[name].dtype and torch.equal(view.reshape(hf[name].shape), hf[name]), name
+        grouped = any(f"self_attn.{p}_proj." in name for p in "qkv")  # [G, rows of a group, ...]
+        assert view.dim() == hf[name].dim() + grouped, name
+    q = dict(views)["model.layers.0.self_attn.q_proj.weight"]
+    assert not q.is_contiguous() and q.shape == (dims.num_kv_heads, dims.heads_per_group * dims.head_dim,
+                                                 dims.hidden_size)
 
 
 def _bridge_merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, g: int, d: int) -> torch.Tensor:

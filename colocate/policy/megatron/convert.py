@@ -216,10 +216,16 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: Dims
 
 def split_qkv(qkv: torch.Tensor, dims: Dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inverse of `interleave_qkv`."""
-    G, D, tail = dims.num_kv_heads, dims.head_dim, qkv.shape[1:]
-    q_G, k_G, v_G = qkv.reshape(G, (dims.heads_per_group + 2) * D, *tail).split(
-        [dims.heads_per_group * D, D, D], dim=1)
+    tail = qkv.shape[1:]
+    q_G, k_G, v_G = qkv_group_views(qkv, dims)
     return q_G.reshape(-1, *tail), k_G.reshape(-1, *tail), v_G.reshape(-1, *tail)
+
+
+def qkv_group_views(qkv: torch.Tensor, dims: Dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of a whole (contiguous) linear_qkv: q_G [G, N/G*D, ...], k_G and v_G [G, D, ...], whose elements in
+    row-major order are HF's q, k, v (`split_qkv` reshapes them, which copies: the groups are not evenly spaced)."""
+    G, D, tail = dims.num_kv_heads, dims.head_dim, qkv.shape[1:]
+    return qkv.view(G, (dims.heads_per_group + 2) * D, *tail).split([dims.heads_per_group * D, D, D], dim=1)
 
 
 def _chunk(tensor: torch.Tensor, tp_size: int, tp_rank: int, dim: int) -> torch.Tensor:
@@ -286,6 +292,19 @@ def hf_state(states: Sequence[Sequence[MappingABC[str, torch.Tensor]]], dims: Di
     out: dict[str, torch.Tensor] = {}
     for m in export_order(dims, len(states)):
         out |= unshard(m, [tp_state[m.megatron] for tp_state in states[m.stage]], dims)
+    return out
+
+
+def resident_views(params: MappingABC[str, torch.Tensor], dims: Dims) -> list[tuple[str, torch.Tensor]]:
+    """With tp = pp = 1: every exported HF tensor, in `export_order`, as a view of the Megatron parameter that
+    holds it (`params` by Megatron name), for a one-copy refit that reads them in place. q, k and v are the
+    grouped views of `qkv_group_views` (their shape is not HF's; their elements in row-major order are:
+    `refit/folded.py`); gate and up the halves of fc1; everything else the parameter itself."""
+    out: list[tuple[str, torch.Tensor]] = []
+    for m in export_order(dims, 1):
+        p = params[m.megatron]
+        parts = qkv_group_views(p, dims) if m.kind == "qkv" else p.chunk(2, dim=0) if m.kind == "fc1" else (p,)
+        out.extend(zip(m.hf, parts, strict=True))
     return out
 
 

@@ -19,7 +19,8 @@ Protocol state machine (receiver side). S = sender, R = receiver; every frame is
                                               buffer, so load_fn must copy what it is given, never keep it
     RECEIVING ──Direct(share,  ▶ RECEIVING     (one-copy) no bucket arrived yet, one source per entry; open
                  sources)                     the shared storages (cached by id), view each entry in place
-                                              (a wider float is cast by the engine as it copies), load_fn
+                                              (a strided source of another shape: a FoldedTensor; a wider
+                                              float is cast by the engine as it copies), load_fn
                                               (all), synchronise; Ack: S may write those storages again
     RECEIVING ──Done(n)───────▶ IDLE          every manifest entry arrived exactly once, else Error;
                                               finish_fn; Ack; `receive()` returns (after a Direct, S sends
@@ -42,10 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import time
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import zmq
@@ -61,10 +64,11 @@ from colocate.refit.errors import (
     as_side,
     remote_error,
 )
+from colocate.refit.folded import FoldedTensor
 from colocate.refit.ipc import wire
 from colocate.refit.ipc.buffers import BufferCache
 from colocate.refit.ipc.jobdir import ensure_private_dir, random_name
-from colocate.refit.plan import CheckFn, Manifest, Meta, bucket_views, dtype_from_name, manifest_meta
+from colocate.refit.plan import CheckFn, Entry, Manifest, Meta, bucket_views, dtype_from_name, manifest_meta
 from colocate.refit.schedule import ABORT_POLL_S, AbortFn, LoadFn, ReceiveStats, SameViews
 from colocate.refit.slices import Slice, as_loaded
 from colocate.refit.sources import castable
@@ -270,12 +274,16 @@ class RefitReceiver:
         for e, src in zip(manifest.entries, sources, strict=True):
             buf = self.cache.opened(src.buffer)
             dtype, want = dtype_from_name(src.dtype), dtype_from_name(e.dtype)
-            span = e.nbytes // want.itemsize * dtype.itemsize
-            if buf is None or src.byte_offset < 0 or src.byte_offset + span > buf.handle.nbytes:
-                raise RefitFrameError(f"direct refit: {e.name} lies outside storage {src.buffer}")
             if not castable(dtype, want):
                 raise RefitFrameError(f"direct refit: {e.name} is {src.dtype}, expected {e.dtype}")
-            named.append((e.name, buf.tensor[src.byte_offset:src.byte_offset + span].view(dtype).view(e.shape)))
+            if src.shape is None:
+                span = e.nbytes // want.itemsize * dtype.itemsize
+                if buf is None or src.byte_offset < 0 or src.byte_offset + span > buf.handle.nbytes:
+                    raise RefitFrameError(f"direct refit: {e.name} lies outside storage {src.buffer}")
+                named.append((e.name, buf.tensor[src.byte_offset:src.byte_offset + span].view(dtype).view(e.shape)))
+            else:
+                view = _strided_view(buf, src, dtype, e)
+                named.append((e.name, view if tuple(view.shape) == e.shape else FoldedTensor(e.shape, view)))
         wanted = [dtype_from_name(e.dtype) for e in manifest.entries]
         if all(v.dtype == w for (_, v), w in zip(named, wanted, strict=True)):
             return named, None
@@ -344,4 +352,20 @@ class RefitReceiver:
         self._sock.close(0)
         if os.path.exists(self._path):
             os.unlink(self._path)
+
+
+def _strided_view(buf: Any, src: wire.Source, dtype: torch.dtype, e: Entry) -> torch.Tensor:
+    """`src`'s strided view of entry `e` in the opened storage `buf`, every element it reaches inside it."""
+    shape, stride = tuple(src.shape or ()), tuple(src.stride or ())
+    item = dtype.itemsize
+    reach = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=False)) if all(shape) else 0
+    whole = buf.handle.nbytes // item if buf is not None else 0
+    if (buf is None or len(shape) != len(stride) or min(stride, default=0) < 0 or src.byte_offset < 0
+            or src.byte_offset % item or src.byte_offset // item + reach > whole):
+        raise RefitFrameError(f"direct refit: {e.name} lies outside storage {src.buffer} "
+                              f"(shape {shape}, stride {stride}, byte offset {src.byte_offset})")
+    if math.prod(shape) != math.prod(e.shape):
+        raise RefitFrameError(f"direct refit: {e.name} is viewed as {shape}, not {e.shape}'s {math.prod(e.shape)} "
+                              "elements")
+    return buf.tensor[:whole * item].view(dtype)[src.byte_offset // item:].as_strided(shape, stride)
 

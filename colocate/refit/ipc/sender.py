@@ -17,12 +17,15 @@ packed. The answer is kept until the tensors offered change.
 One-copy refit (`stream(..., resident=...)`, CUDA): when every weight already sits whole in this device's
 memory, no buffer is packed: the storages holding them are shared once (cached by address: a storage the
 engine has opened cannot be freed and reused while it is open, CUDA IPC keeps it alive), and one `Direct`
-message names where each entry lives; the engine copies straight from there.
+message names where each entry lives (offset, and shape and strides for a view that is not contiguous in
+the entry's shape: a weight inside a fused parameter, `refit/folded.py`); the engine copies straight from
+there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import traceback
 from collections.abc import Iterable
@@ -199,7 +202,7 @@ class RefitSender:
                 # In place, the engine reads only the slice it keeps anyway: nothing to slice here.
                 manifest, digest = self._plan(meta, None)
                 # Where every tensor is still where the last Direct found it, nothing needs checking again.
-                placed = (digest, [(n, t.data_ptr(), t.dtype, t.shape, t.is_contiguous()) for n, t in resident])
+                placed = (digest, [(n, t.data_ptr(), t.dtype, t.shape, t.stride()) for n, t in resident])
                 if (self._direct_sent is not None and self._direct_sent[0] == placed) or self.one_copy(resident):
                     return self._stream_direct(resident, manifest, digest, placed, t0)
             manifest, digest = self._plan(meta, self._slices(meta))
@@ -246,12 +249,13 @@ class RefitSender:
             self._sock.send_multipart(wire.encode(self.token, msg), flags=zmq.NOBLOCK)
 
     def one_copy(self, resident: list[tuple[str, torch.Tensor]]) -> bool:
-        """Whether these tensors can be read in place by the engine: CUDA, on this device, contiguous (and
-        not the naive per-tensor or verify modes, kept for comparison)."""
+        """Whether these tensors can be read in place by the engine: CUDA, on this device (and not the naive
+        per-tensor or verify modes, kept for comparison). Any strides: a view that is not contiguous, or
+        not of its entry's shape (q inside Megatron's fused qkv), goes with its shape and strides."""
         if self.device.type != "cuda" or self.per_tensor or self.verify:
             return False
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        return all(t.is_cuda and t.device.index == index and t.is_contiguous() for _, t in resident)
+        return all(t.is_cuda and t.device.index == index for _, t in resident)
 
     def _begin(self, manifest: Manifest, digest: str) -> bool:
         """Prepare (when the layout is new) and Begin; returns whether the manifest was sent."""
@@ -308,8 +312,11 @@ class RefitSender:
         used: set[int] = set()
         replaced: list[SendBuffer] = []
         for e, (name, tensor) in zip(manifest.entries, resident, strict=True):
-            if name != e.name or tuple(tensor.shape) != e.shape or not castable(tensor.dtype,
-                                                                                  dtype_from_name(e.dtype)):
+            # A view of another shape stands for the entry when its elements in row-major order are the
+            # entry's (`refit/folded.py`): the backend that hands it over vouches for that; the count must match.
+            same_shape = tuple(tensor.shape) == e.shape
+            if (name != e.name or (not same_shape and tensor.numel() != math.prod(e.shape))
+                    or not castable(tensor.dtype, dtype_from_name(e.dtype))):
                 raise RefitManifestError(f"resident {name!r} {tuple(tensor.shape)} {tensor.dtype} is not "
                                          f"manifest entry {e.name!r} {e.shape} {e.dtype}", side="sender")
             storage = tensor.untyped_storage()
@@ -323,7 +330,10 @@ class RefitSender:
                                                       share=whole)
                 share.append(buf.handle)
             used.add(base)
-            sources.append(wire.Source(buf.handle.id, tensor.data_ptr() - base, dtype_name(tensor.dtype)))
+            strided = not (same_shape and tensor.is_contiguous())
+            sources.append(wire.Source(buf.handle.id, tensor.data_ptr() - base, dtype_name(tensor.dtype),
+                                       tuple(tensor.shape) if strided else None,
+                                       tuple(tensor.stride()) if strided else None))
         # Storages no longer holding a weight (the policy reallocated): the engine lets go of them, so CUDA
         # IPC can free them.
         stale = replaced + [self._shared.pop(b) for b in list(self._shared) if b not in used]

@@ -53,11 +53,15 @@ class Load(msgspec.Struct, tag="load"):
 
 class Source(msgspec.Struct, frozen=True, array_like=True):
     """Where one manifest entry lives in the sender's own memory: `byte_offset` into the shared storage
-    `buffer` (a handle id), contiguous, of `dtype` (the entry's, or a float the engine casts from)."""
+    `buffer` (a handle id), of `dtype` (the entry's, or a float the engine casts from); contiguous in the
+    entry's shape, or (`shape` and `stride`, in elements) a strided view whose elements in row-major order are
+    the entry's (a weight inside a parameter of another layout: `refit/folded.py`)."""
 
     buffer: str
     byte_offset: int
     dtype: str
+    shape: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None
 
 
 class Direct(msgspec.Struct, tag="direct"):

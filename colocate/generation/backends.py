@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def require_reset(reset: bool) -> None:
+    """vLLM's answer to `reset_prefix_cache()`: a refusal (blocks still held by requests) must not pass."""
+    if not reset:
+        raise PrefixCacheError("vLLM refused to reset the prefix cache (KV blocks still held by requests)")
+
+
 class Backend(Protocol):
     tokenizer: Any
 
@@ -109,8 +115,7 @@ class SyncBackend:
             return result
 
     def _reset_prefix_cache(self) -> None:
-        if not self._llm.reset_prefix_cache():
-            raise PrefixCacheError("vLLM refused to reset the prefix cache (KV blocks still held by requests)")
+        require_reset(self._llm.reset_prefix_cache())
         self.prefixes_cached = False
 
     def sleep(self, level: int) -> None:
@@ -206,8 +211,7 @@ class AsyncBackend:
         return result
 
     def _check_reset(self, reset: bool) -> None:
-        if not reset:
-            raise PrefixCacheError("vLLM refused to reset the prefix cache (KV blocks still held by requests)")
+        require_reset(reset)
         self.prefixes_cached = False
 
     def sleep(self, level: int) -> None:

@@ -1,5 +1,6 @@
-"""`MegatronPolicyWorker.iter_weights` / `weights_manifest` on CPU: the real methods, run by 4 gloo ranks (no
-megatron-core: the worker is made without its constructor and given each rank's converted parameters).
+"""`MegatronPolicyWorker.iter_weights` / `refit_sources` / `weights_manifest` on CPU: the real methods, run by 4
+gloo ranks (no megatron-core: the worker is made without its constructor and given each rank's converted
+parameters).
 
 What a refit relies on (it calls `iter_weights` on every policy rank at once): every rank yields the full HF
 tensors, in `weights_manifest`'s order, bit-exactly; a replicated parameter comes from tp rank 0; and
@@ -9,6 +10,7 @@ colocated engine gets what rank 0 exports.
 
 from __future__ import annotations
 
+import itertools
 import socket
 from pathlib import Path
 
@@ -96,6 +98,19 @@ def _rank(rank: int, port: int, path: str, out: str, tp: int, pp: int) -> None:
             assert torch.equal(t, hf[name].to(torch.bfloat16)), f"rank {rank}: {name}"
         assert [n for n, _, _ in w.weights_manifest()] == [n for n, _ in stream]
         assert all(d == torch.float32 for _, _, d in w.weights_manifest())
+
+        # 1b. As a refit runs the fills: a sender takes a whole bucket's sources before filling any (rank 0 here,
+        # 7 at a time), a rank that only gathers fills each as it comes. Each fill writes its weight, the same
+        # bits, into the place given, however far the generator has moved on.
+        it, ahead, filled = w.refit_sources(torch.bfloat16), (7 if rank == 0 else 1), []
+        while batch := list(itertools.islice(it, ahead)):
+            for name, fill in batch:
+                place = torch.full(fill.shape, float("nan"), dtype=fill.dtype)
+                fill(place)
+                filled.append((name, place))
+        assert [n for n, _ in filled] == [n for n, _ in stream]
+        for (name, t), (_, want) in zip(filled, stream, strict=True):
+            assert torch.equal(t, want), f"rank {rank}: {name}"
 
         # 2. Perturbed (as colocate.check does), and a replicated norm made to differ on tp rank 1: every rank
         # streams the same weights (tp rank 0's norm), which is what each colocated engine receives.

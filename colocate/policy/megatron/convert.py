@@ -257,19 +257,31 @@ def unshard(mapping: Mapping, shards: Sequence[torch.Tensor], dims: Dims) -> dic
     A replicated parameter is taken from the first slice: Megatron keeps the copies equal (the same gradient
     on every tensor rank), so one rank's is the tensor.
     """
+    shapes = hf_shapes(dims)
+    views = gathered_views(mapping, torch.cat(list(shards), dim=0), dims, len(shards))
+    return {name: view.reshape(shapes[name]) for name, view in views.items()}
+
+
+def gathered_views(mapping: Mapping, gathered: torch.Tensor, dims: Dims, tp_size: int) -> dict[str, torch.Tensor]:
+    """HF name -> a view of `gathered` (every tensor rank's slice of `mapping`'s parameter, concatenated along
+    dim 0 in rank order: what one all-gather into a tensor gives) whose elements in row-major order are the HF
+    tensor's. Where the HF tensor is not a view of it (q, k, v of the interleaved groups; a row-parallel weight
+    or fc1's halves over several ranks) the view has another shape (`refit/folded.py`): `.reshape(hf shape)`
+    makes the tensor (`unshard`), `out.view(v.shape).copy_(v)` writes it into a contiguous `out` in one copy.
+    Shapes: a tensor rank's slice `_r`; [tp, ...] splits `gathered` by rank."""
+    tail = gathered.shape[1:]
     if mapping.kind == "qkv":
-        return dict(zip(mapping.hf, split_qkv(torch.cat(list(shards), dim=0), dims), strict=True))
-    if mapping.kind == "fc1":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        gate = torch.cat([g for g, _ in halves], dim=0)
-        up = torch.cat([u for _, u in halves], dim=0)
-        return dict(zip(mapping.hf, (gate, up), strict=True))
+        return dict(zip(mapping.hf, qkv_group_views(gathered, dims), strict=True))
+    if mapping.kind == "fc1":  # rank r holds [gate_r; up_r]: gate = [gate_0; gate_1; ...]
+        per_rank = gathered.view(tp_size, 2, gathered.shape[0] // (2 * tp_size), *tail)
+        halves = gathered.chunk(2, dim=0) if tp_size == 1 else (per_rank[:, 0], per_rank[:, 1])
+        return dict(zip(mapping.hf, halves, strict=True))
     (name,) = mapping.hf
-    if mapping.kind == "column":
-        return {name: torch.cat(list(shards), dim=0)}
-    if mapping.kind == "row":
-        return {name: torch.cat(list(shards), dim=1)}
-    return {name: shards[0]}
+    if mapping.kind == "row" and tp_size > 1:  # [tp * rows, cols_r] -> [rows, tp, cols_r]: HF's [rows, tp * cols_r]
+        return {name: gathered.view(tp_size, gathered.shape[0] // tp_size, *tail).transpose(0, 1)}
+    if mapping.kind == "replicated":
+        return {name: gathered[: gathered.shape[0] // tp_size]}  # tp rank 0's copy
+    return {name: gathered}  # column: the rows in rank order; row with one rank: the weight
 
 
 # ---------------------------------------------------------------- whole models
@@ -300,12 +312,7 @@ def resident_views(params: MappingABC[str, torch.Tensor], dims: Dims) -> list[tu
     holds it (`params` by Megatron name), for a one-copy refit that reads them in place. q, k and v are the
     grouped views of `qkv_group_views` (their shape is not HF's; their elements in row-major order are:
     `refit/folded.py`); gate and up the halves of fc1; everything else the parameter itself."""
-    out: list[tuple[str, torch.Tensor]] = []
-    for m in export_order(dims, 1):
-        p = params[m.megatron]
-        parts = qkv_group_views(p, dims) if m.kind == "qkv" else p.chunk(2, dim=0) if m.kind == "fc1" else (p,)
-        out.extend(zip(m.hf, parts, strict=True))
-    return out
+    return [item for m in export_order(dims, 1) for item in gathered_views(m, params[m.megatron], dims, 1).items()]
 
 
 def bucket_sources(hf_names: Iterable[str], dims: Dims, pp_size: int = 1) -> list[Mapping]:

@@ -22,11 +22,13 @@ GRPO losses and its token (or sequence) count; `distributed/finalize_model_grads
 over pipeline and data ranks and divides every gradient by the global count, and DDP then sums gradients over
 data ranks (`distributed/distributed_data_parallel.py:179-184`). That is `grpo_loss` of the whole batch.
 
-Weights out (refit, export): `iter_weights` walks `convert.export_order` (HF checkpoint order, the order of
-`weights_manifest`); per mapping the owning stage all-gathers the tensor ranks' slices (cast first: a cast is
-elementwise, so the same bits, and half the traffic in bf16), `convert.unshard` makes the HF tensors, and the
-owning stage broadcasts them over the pipeline group. Every rank yields every HF tensor (a refit calls it on
-every rank); extra memory held is one mapping's full tensors.
+Weights out (refit, export): `refit_sources` walks `convert.export_order` (HF checkpoint order, the order of
+`weights_manifest`), a fill per HF weight; per mapping the owning stage all-gathers the tensor ranks' slices (cast
+first: a cast is elementwise, so the same bits, and half the traffic in bf16), copies each HF weight out of them
+(`convert.gathered_views`) into the sender's buffer, and broadcasts it over the pipeline group. Every rank fills
+every HF weight (a refit runs it on every rank); extra memory held is one mapping's gathered parameter.
+`iter_weights` (export, checks) fills fresh tensors. With tp = pp = 1 a colocated refit reads the parameters in
+place instead (`resident_weights`).
 
 Shape legend: B = sequences, T = tokens per sequence, V = vocabulary (V_r: one tensor rank's slice).
 """
@@ -53,7 +55,7 @@ from colocate.policy.megatron import convert
 from colocate.policy.megatron.errors import MegatronModelError
 from colocate.policy.weights import ManifestEntry
 from colocate.refit.policy_side import StreamsRefits
-from colocate.refit.sources import castable
+from colocate.refit.sources import Fill, castable
 
 T = TypeVar("T")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -405,44 +407,39 @@ class MegatronPolicyWorker(StreamsRefits):
 
     def iter_weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """`(HF name, full HF tensor)` of every exported weight, on every rank, in `weights_manifest(dtype)`'s
-        order (`convert.export_order`): a collective generator, so every rank must drive it to the end.
+        order: `refit_sources`' fills, each into a tensor of its own (a collective generator: every rank must
+        drive it to the end)."""
+        for name, fill in self.refit_sources(dtype or self.param_dtype):
+            yield name, fill.materialize()
 
-        Why every rank, in one fixed order: a refit calls this on every policy rank at once (colocated: each
-        rank streams to the engine on its own GPU; split: rank 0 streams, the others drain it), and the
-        gathers inside are collectives that pair up only if all ranks issue them in the same order. Per
-        mapping (`convert.Mapping`):
-        - the owning stage's tensor ranks all-gather their slices (cast to `dtype` first: a cast is
-          elementwise, so gather-then-cast gives the same bits, with half the traffic in bf16). Replicated
-          parameters (norms) are gathered too and tp rank 0's copy is taken, so every rank yields the same
-          bits even if the copies ever drifted (a perturbation per rank, a non-deterministic kernel);
-        - `convert.unshard` makes the HF tensors (reshapes, slices, concatenations only: bit-exact);
-        - with pp > 1, each owning-stage rank broadcasts them over its pipeline group (the ranks of the same
-          tp rank on the other stages), so every stage's tensors reach every rank.
-        Memory: the slices are dropped before the first yield, so the extra memory held is one mapping's full
-        tensors (q, k, v; or gate, up; or one tensor), never the model; peak within a mapping is the gathered
-        slices plus their unsharded copies. A yielded tensor is valid until the next one is asked for.
+    def refit_sources(self, dtype: torch.dtype) -> Iterator[tuple[str, Fill]]:
+        """A `Fill` per exported HF weight, on every rank, in `weights_manifest(dtype)`'s order
+        (`convert.export_order`), that writes it straight into a refit sender's buffer: one copy out of the
+        gathered parameter, no HF tensor made in between (`iter_weights` fills fresh tensors instead).
+
+        Why every rank, in one fixed order: a refit runs this on every policy rank at once (colocated: each
+        rank streams to the engine on its own GPU; split: rank 0 streams, the others fill scratch tensors), and
+        the collectives inside pair up only if all ranks issue them in the same order. They all run inside
+        the fills (never while the sender takes the next source: it takes a whole bucket's before filling
+        any), so they come in manifest order on every rank whatever each one reads ahead. Per mapping
+        (`convert.Mapping`, `_MappingFill`):
+        - at its first weight's fill, the owning stage's tensor ranks all-gather their slices into one tensor
+          (cast to `dtype` first: a cast is elementwise, so the same bits, with half the traffic in bf16).
+          Replicated parameters (norms) are gathered too and tp rank 0's copy is taken, so every rank yields
+          the same bits even if the copies ever drifted (a perturbation per rank, a non-deterministic kernel);
+        - each weight is copied out of it through `convert.gathered_views` (views only: bit-exact);
+        - with pp > 1, each owning-stage rank broadcasts it over its pipeline group (the ranks of the same tp
+          rank on the other stages), into the same place in their buffers.
+        Memory: one mapping's gathered parameter at a time (q, k, v's, or gate and up's, or one weight's),
+        never the model.
         """
         self._require(params=True)
-        out_dtype = dtype or self.param_dtype
         params = dict(self.model.module.named_parameters())
         shapes = convert.hf_shapes(self.dims)
         for m in convert.export_order(self.dims, self.pp):
-            if m.stage == self.pp_rank:
-                local = params[m.megatron].detach().to(out_dtype).contiguous()
-                if self.tp == 1:
-                    shards = [local]
-                else:
-                    shards = [torch.empty_like(local) for _ in range(self.tp)]
-                    dist.all_gather(shards, local, group=self.tp_group)
-                full = {name: t.contiguous() for name, t in convert.unshard(m, shards, self.dims).items()}
-                del local, shards
-            else:
-                full = {name: torch.empty(shapes[name], dtype=out_dtype, device=self.device) for name in m.hf}
+            fills = _MappingFill(self, m, params[m.megatron] if m.stage == self.pp_rank else None, dtype)
             for name in m.hf:
-                if self.pp > 1:
-                    dist.broadcast(full[name], src=self.pp_ranks[m.stage], group=self.pp_group)
-                yield name, full[name]
-            del full
+                yield name, Fill(shapes[name], dtype, self.device, functools.partial(fills.write, name))
 
     def resident_weights(self, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]] | None:
         """With tp = pp = 1 (any data-parallel size: after each optimizer step every rank holds all the
@@ -556,3 +553,36 @@ class MegatronPolicyWorker(StreamsRefits):
         if dist.is_initialized():
             dist.destroy_process_group()
 
+
+class _MappingFill:
+    """The fills of one mapping's HF weights (`MegatronPolicyWorker.refit_sources`): the first gathers the
+    parameter over the tensor ranks (owning stage only), each copies its weight out and, with pp > 1,
+    broadcasts it from the owning stage; the gathered tensor is dropped after the last weight."""
+
+    def __init__(self, worker: MegatronPolicyWorker, mapping: convert.Mapping, local: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        self.w, self.mapping, self.local, self.dtype = worker, mapping, local, dtype
+        self.views: dict[str, torch.Tensor] | None = None
+        self.left = len(mapping.hf)
+
+    def write(self, name: str, out: torch.Tensor) -> None:
+        w = self.w
+        if self.local is not None:
+            if self.views is None:
+                self.views = convert.gathered_views(self.mapping, self._gather(), w.dims, w.tp)
+            view = self.views[name]
+            (out if view.shape == out.shape else out.view(view.shape)).copy_(view)
+        if w.pp > 1:
+            dist.broadcast(out, src=w.pp_ranks[self.mapping.stage], group=w.pp_group)
+        self.left -= 1
+        if not self.left:
+            self.views = None
+
+    def _gather(self) -> torch.Tensor:
+        w, local = self.w, self.local.detach().to(self.dtype)
+        if w.tp == 1:
+            return local
+        local = local.contiguous()
+        gathered = torch.empty((w.tp * local.shape[0], *local.shape[1:]), dtype=self.dtype, device=w.device)
+        dist.all_gather_into_tensor(gathered, local, group=w.tp_group)
+        return gathered

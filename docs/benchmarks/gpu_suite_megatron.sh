@@ -10,8 +10,10 @@
 #                                                      # against HF (VERIFY in gpu_common.sh)
 #   bash docs/benchmarks/gpu_suite_megatron.sh grpo1   # one H200: 3 GRPO steps colocated, Megatron TP=1 PP=1, each
 #                                                      # refit checked against HF (VERIFY)
+#   bash docs/benchmarks/gpu_suite_megatron.sh grpo1buf  # the same through the buffers (refit.one_copy=false)
 #   bash docs/benchmarks/gpu_suite_megatron.sh bench1  # one H200: the in-training refit bench, a one-rank Megatron
 #                                                      # policy (one copy from its parameters; buffered) then FSDP2's
+#                                                      # (BENCH_POLICIES=megatron: only the first)
 #   bash docs/benchmarks/gpu_suite_megatron.sh test check   # both in one call
 # Qwen2.5-1.5B shapes with random weights, drawn on the GPU when /tmp/qwen-random is absent (~30 s).
 set -u
@@ -24,7 +26,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 
 source "$(dirname "$0")/gpu_common.sh"  # bounded, weights, step_metrics
 
-[ $# -gt 0 ] || { echo "usage: $0 test|check|grpo|grpopp|grpo1|bench1 [...]"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 test|check|grpo|grpopp|grpo1|grpo1buf|bench1 [...]"; exit 2; }
 for mode in "$@"; do
   case $mode in
   test)
@@ -80,19 +82,22 @@ for run, r in result.items():
 EOF
     grep -hE "Error|error:" "$OUT"/grpo_*.log | grep -v -i warn | tail -6
     ;;
-  grpo1)
+  grpo1|grpo1buf)
+    # grpo1buf: the same with refit.one_copy=false (the buffered path: what tp > 1, pp > 1 or offload take)
     weights
-    bounded 330 "$OUT/grpo_megatron_1gpu.log" python -m colocate.run +recipe=grpo_gpu model.path=$MODEL \
+    name=grpo_megatron_1gpu; extra=()
+    [ "$mode" = grpo1buf ] && { name=grpo_megatron_1gpu_buffered; extra=(refit.one_copy=false); }
+    bounded 330 "$OUT/$name.log" python -m colocate.run +recipe=grpo_gpu model.path=$MODEL \
       placement.ray_address=local algorithm.steps=3 algorithm.prompts_per_step=16 algorithm.max_new_tokens=256 \
-      logging.progress=false policy=megatron "${VERIFY[@]}" hydra.run.dir="$OUT/grpo_megatron_1gpu"
-    grep -hE "Error|error:" "$OUT/grpo_megatron_1gpu.log" | tail -4
-    step_metrics "$OUT/grpo_megatron_1gpu/metrics.jsonl"
-    step_metrics "$OUT/grpo_megatron_1gpu/metrics.jsonl" step reward_std grad_norm verify_prompts \
+      logging.progress=false policy=megatron "${VERIFY[@]}" "${extra[@]}" hydra.run.dir="$OUT/$name"
+    grep -hE "Error|error:" "$OUT/$name.log" | tail -4
+    step_metrics "$OUT/$name/metrics.jsonl"
+    step_metrics "$OUT/$name/metrics.jsonl" step reward_std grad_norm verify_prompts \
       verify_greedy_equal verify_near_ties verify_max_logprob_diff verify_s
     ;;
   bench1)
     weights
-    for policy in megatron fsdp2; do
+    for policy in ${BENCH_POLICIES:-megatron fsdp2}; do
       bounded 240 "$OUT/training_$policy.log" python -m colocate.bench.refit --device cuda --model $MODEL \
         --policy $policy --repeats 20 --json "$OUT/training_$policy.json"
       grep -A8 "median of" "$OUT/training_$policy.log"
@@ -109,7 +114,7 @@ EOF
       refit_gather_ms refit_load_ms weight_version reward_std verify_prompts verify_greedy_equal verify_near_ties \
       verify_max_logprob_diff
     ;;
-  *) echo "unknown mode $mode (test | check | grpo | grpopp | grpo1 | bench1)"; exit 2 ;;
+  *) echo "unknown mode $mode (test | check | grpo | grpopp | grpo1 | grpo1buf | bench1)"; exit 2 ;;
   esac
 done
 echo "done in $SECONDS s"

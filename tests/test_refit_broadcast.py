@@ -418,10 +418,10 @@ def test_killed_receiver_makes_the_others_raise_in_time(engines, models):
     futures = {"sender": [sender.stream.remote(models[1])], "receiver": [e.receive.remote() for e in engines]}
     t = time.perf_counter()
     # The driver names the death as soon as Ray knows of it (plus its 3 s grace for the others' outcome),
-    # not after the survivors' transport timeout.
+    # not after the survivors' transport timeout (the bound: a busy 2-core CI machine streams slowly too).
     with pytest.raises(RefitPeerDiedError, match="refit failed on the receiver side") as info:
         await_refit(futures, timeout_s=6 * TIMEOUT)
-    assert time.perf_counter() - t < 5.0 and info.value.side == "receiver"
+    assert time.perf_counter() - t < TIMEOUT and info.value.side == "receiver"
     with pytest.raises(RefitTimeoutError, match="sender: gave up waiting for receivers to take"):
         ray.get(futures["sender"][0])
     with pytest.raises(RefitTimeoutError, match="receiver rank 1: gave up waiting for"):
@@ -442,7 +442,7 @@ def test_killed_sender_makes_the_receiver_raise_in_time(engines, models, hf):
     t = time.perf_counter()
     with pytest.raises(RefitPeerDiedError, match="refit failed on the sender side"):
         await_refit(futures, timeout_s=6 * TIMEOUT)
-    assert time.perf_counter() - t < 5.0
+    assert time.perf_counter() - t < TIMEOUT  # the death named before the receiver's transport timeout
     with pytest.raises(RefitTimeoutError, match="receiver rank 1: gave up waiting for bucket"):
         ray.get(futures["receiver"][0])
     assert time.perf_counter() - t < 3 * TIMEOUT

@@ -52,3 +52,14 @@ def greedy_of_each(models: dict[int, str], prompts: list[str], max_tokens: int
     out = {seed: greedy(path, prompt_ids, max_tokens) for seed, path in models.items()}
     assert out[0] != out[1], "the two models decode alike: a refit between them would prove nothing"
     return prompt_ids, out
+
+
+CPU_KV_BLOCK = 128  # vLLM's KV block size on CPU: only whole blocks are cached
+
+
+def long_prompt_ids(model_path: str) -> list[int]:
+    """160 token ids: one whole CPU KV block (so a prefix-cached request serves it from the cache) and some."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)("Q: 12+7= A: 19. " * 40)["input_ids"][:CPU_KV_BLOCK + 32]
+

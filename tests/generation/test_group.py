@@ -32,8 +32,6 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["Q: 12+7= A:", "Q: 93-40= A:", "The answer is", "what is the sum"]
 MAX_TOKENS = 16
 MAX_MODEL_LEN = 256
-CPU_BLOCK = 128  # vLLM's KV block size on CPU: only whole blocks are cached
-LONG_PROMPT = 160  # tokens: one whole block and some
 TIMEOUT = 30.0
 # vLLM's CPU kernels and HF's eager float32 forward differ by rounding only (measured: < 2e-5).
 LOGPROB_ATOL = 1e-3
@@ -144,8 +142,7 @@ def test_a_refit_drops_cached_prefixes_and_after_sleep_needs_no_reset(group, ref
     """Prefix caching is on, so a refit must drop the KV blocks the old weights computed: the next request
     finds none cached and decodes as HF does on the new weights. sleep() forgets the cache (on CPU as on GPU),
     so the refit after it skips the reset (it walks every block: milliseconds on a GPU's cache)."""
-    tok = AutoTokenizer.from_pretrained(models[0])
-    long_ids = tok("Q: 12+7= A: 19. " * 40)["input_ids"][:LONG_PROMPT]
+    long_ids = hf.long_prompt_ids(models[0])
     want = {seed: hf.greedy(path, [long_ids], MAX_TOKENS)[0] for seed, path in models.items()}
     assert want[0] != want[1]
 
@@ -155,7 +152,7 @@ def test_a_refit_drops_cached_prefixes_and_after_sleep_needs_no_reset(group, ref
 
     decode()
     tokens, cached = decode()
-    assert tokens == [want[0]] * 2 and min(cached) >= CPU_BLOCK  # the cache serves the prompt's first block
+    assert tokens == [want[0]] * 2 and min(cached) >= hf.CPU_KV_BLOCK  # the cache serves the prompt's first block
     refit(group, refit_pair, models[1])  # a cache that holds blocks: the refit resets it
     tokens, cached = decode()
     assert tokens == [want[1]] * 2 and cached == [0, 0]

@@ -2,7 +2,7 @@
 
 Round trips over tiny checkpoints built here (Llama tied and untied, Qwen2 tied with qkv biases, Qwen3 with
 q/k norms), every tensor-parallel and pipeline split simulated as pure tensor functions; the interleaved QKV
-layout checked by hand and against a loop written the way Megatron-Bridge's `merge_qkv_weights` is.
+layout checked by hand (and against Megatron-Bridge's own functions in test_megatron_bridge.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from colocate.policy.megatron.convert import (
     megatron_state,
     resident_views,
     shard,
-    split_qkv,
     unshard,
 )
 from colocate.policy.megatron.errors import MegatronLayoutError, MegatronModelError
@@ -138,16 +137,6 @@ def test_resident_views_are_the_hf_tensors_in_place(checkpoints: dict[str, Path]
                                                  dims.hidden_size)
 
 
-def _bridge_merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, g: int, d: int) -> torch.Tensor:
-    """Megatron-Bridge's `merge_qkv_weights` (param_mapping.py), its loop written out again for a weight."""
-    h = q.shape[-1]
-    q3, k3, v3 = q.view(n, d, h), k.view(g, d, h), v.view(g, d, h)
-    parts = []
-    for i in range(g):
-        parts += [q3[i * (n // g):(i + 1) * (n // g)], k3[i:i + 1], v3[i:i + 1]]
-    return torch.cat(parts, dim=0).reshape(-1, h)
-
-
 def _toy_dims(n: int, g: int, d: int, h: int) -> Dims:
     return Dims(num_layers=1, hidden_size=h, num_heads=n, num_kv_heads=g, head_dim=d, intermediate_size=4,
                 vocab_size=8, qkv_bias=True, qk_norm=False, tied=False)
@@ -168,16 +157,6 @@ def test_qkv_interleaving_by_hand() -> None:
         [0, 1], [10, 20], [2, 3], [11, 21]]
     # biases (1-D) take the same layout
     assert interleave_qkv(q.flatten(), k.flatten(), v.flatten(), dims).tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
-
-
-def test_qkv_interleaving_matches_megatron_bridge_formula() -> None:
-    n, g, d, h = 6, 2, 3, 5
-    dims = _toy_dims(n, g, d, h)
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(rows * d, h, generator=gen) for rows in (n, g, g))
-    qkv = interleave_qkv(q, k, v, dims)
-    assert torch.equal(qkv, _bridge_merge_qkv(q, k, v, n, g, d))
-    assert all(torch.equal(a, b) for a, b in zip(split_qkv(qkv, dims), (q, k, v), strict=True))
 
 
 def test_fc1_is_gate_then_up_per_rank() -> None:

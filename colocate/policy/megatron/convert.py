@@ -31,7 +31,9 @@ Megatron names, checked against megatron-core 0.19.2 (paths under `megatron/core
 Layouts (after Megatron-Bridge `src/megatron/bridge/models/conversion/param_mapping.py`, commit 067f987: functions
 `merge_qkv_weights` / `split_qkv_weights` for the interleaving, `GatedMLPMapping` for fc1's per-rank
 [gate_r; up_r], `ColumnParallelMapping` / `RowParallelMapping` for contiguous chunks along dim 0 / dim 1;
-written here without Bridge, which needs Python 3.12 and pins transformers / hydra versions colocate does not use):
+written here without Bridge, which needs Python 3.12 and pins transformers / hydra versions colocate does not use,
+so this module is what runs; tests/policy/test_megatron_bridge.py runs Bridge 0.6.2's own four QKV functions, out of
+its wheel, against it):
 - linear_qkv: per query group g, [the g-th block of q heads; k head g; v head g], groups in order; a tensor rank
   keeps a contiguous chunk of that. When tp > num_kv_heads the chunk is part of one group: megatron-core 0.19.2
   gathers and re-slices the activations then (`attention.py:1839-1860`), so the weight layout rule is the same.

@@ -5,6 +5,7 @@
     errors.py      one root, RefitError, and its named subclasses
     sources.py     pure: what a backend hands a sender besides a tensor (a Fill; resident weights, one-copy)
     slices.py      pure: shard-sliced refit, the part of a weight a TP engine worker keeps (SlicedTensor)
+    folded.py      pure: a weight read in place inside a parameter of another layout (FoldedTensor)
     checksum.py    fingerprints and checksums (tests, benchmarks, verify mode)
     sizing.py      how big the two buffers are
     ipc/           colocated transport: CUDA IPC / shared memory + ZMQ, one sender and one receiver per device

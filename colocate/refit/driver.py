@@ -60,7 +60,12 @@ def run_refit(policy_workers: Sequence[Any], generation: Any, *, rendezvous: Any
 
 
 def _origin(failures: list[tuple[str, BaseException]]) -> tuple[str, BaseException]:
-    """The first failure (in arrival order) that is not an echo of the other side's (`RefitError.echo`)."""
+    """Where a failed refit began: a side whose process died, if one did (the survivors' errors follow from it:
+    a reset connection can reach a survivor before Ray reports the death); else the first failure (in arrival
+    order) that is not an echo of the other side's (`RefitError.echo`)."""
+    died = [(side, e) for side, e in failures if isinstance(e, ray.exceptions.RayActorError)]
+    if died:
+        return died[0]
     for side, e in failures:
         cause = getattr(e, "cause", None) or e
         if not getattr(cause, "echo", False):

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, vllm, ray, zmq, hydra, transformers, msgspec; print('stack ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	# Reference code, never installed (it needs Python 3.12 and pins other versions): the Megatron conversion
 	# tests run Megatron-Bridge's own QKV functions out of this wheel (tests/policy/test_megatron_bridge.py).
-	$(BIN)/pip download -q --no-deps megatron-bridge==0.6.2 -d $(VENV)/reference
+	$(BIN)/pip download -q --no-deps --python-version 3.12 --only-binary=:all: megatron-bridge==0.6.2 -d $(VENV)/reference
 	touch $(STAMP)
 
 # The main job on CPU: the default GRPO recipe (tiny model, small additions); outputs/<date>/<time>/ holds

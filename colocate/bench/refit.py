@@ -281,16 +281,7 @@ def fsdp2_trainer(model_dir: str, device: str, dtype: torch.dtype, rank: int = 0
 
     worker = PolicyWorker(model_path=model_dir, rank=rank, world_size=world_size, master_addr="127.0.0.1",
                           master_port=master_port or _free_port(), device=device, param_dtype="bfloat16")
-    params = list(worker.model.parameters())
-    step = [0]
-
-    def perturb() -> None:
-        step[0] += 1
-        with torch.no_grad():
-            for p in params:
-                p.to_local().mul_(1.0 + 2.0 ** -(4 + step[0] % 3))
-        _sync(str(worker.device))
-
+    perturb = _perturber([p.to_local() for p in worker.model.parameters()], str(worker.device))
     return worker, manifest_meta_of(worker.weights_manifest(dtype)), perturb
 
 
@@ -302,17 +293,25 @@ def megatron_trainer(model_dir: str, dtype: torch.dtype):
 
     worker = MegatronPolicyWorker(model_path=model_dir, rank=0, world_size=1, master_addr="127.0.0.1",
                                   master_port=_free_port(), param_dtype="bfloat16")
-    params = list(worker.model.module.parameters())
+    perturb = _perturber(list(worker.model.module.parameters()), "cuda")
+    return worker, manifest_meta_of(worker.weights_manifest(dtype)), perturb
+
+
+def _perturber(tensors: list[torch.Tensor], device: str):
+    """`perturb()`: what an optimizer step does to `tensors` (a rank's local parameters): every one changes, in
+    place, differently at each call. `perturb.tensors`: them, detached (the floor copies from them)."""
+    tensors = [t.detach() for t in tensors]
     step = [0]
 
     def perturb() -> None:
         step[0] += 1
         with torch.no_grad():
-            for p in params:
-                p.mul_(1.0 + 2.0 ** -(4 + step[0] % 3))
-        _sync("cuda")
+            for t in tensors:
+                t.mul_(1.0 + 2.0 ** -(4 + step[0] % 3))
+        _sync(device)
 
-    return worker, manifest_meta_of(worker.weights_manifest(dtype)), perturb
+    perturb.tensors = tensors
+    return perturb
 
 
 def _policy_trainer(conn, a: dict[str, Any]) -> None:
@@ -324,10 +323,9 @@ def _policy_trainer(conn, a: dict[str, Any]) -> None:
     dtype = getattr(torch, a["dtype"])
     if a["policy"] == "megatron":
         worker, meta, perturb = megatron_trainer(a["model_dir"], dtype)
-        params = list(worker.model.module.parameters())
     else:
         worker, meta, perturb = fsdp2_trainer(a["model_dir"], device, dtype)
-        params = [p.to_local() for p in worker.model.parameters()]
+    params = perturb.tensors
 
     def weights_fps() -> dict[str, str]:
         return {n: fingerprint(t) for n, t in worker.iter_weights(dtype)}

@@ -275,8 +275,7 @@ def gathered_views(mapping: Mapping, gathered: torch.Tensor, dims: Dims, tp_size
     if mapping.kind == "qkv":
         return dict(zip(mapping.hf, qkv_group_views(gathered, dims), strict=True))
     if mapping.kind == "fc1":  # rank r holds [gate_r; up_r]: gate = [gate_0; gate_1; ...]
-        per_rank = gathered.view(tp_size, 2, gathered.shape[0] // (2 * tp_size), *tail)
-        halves = gathered.chunk(2, dim=0) if tp_size == 1 else (per_rank[:, 0], per_rank[:, 1])
+        halves = gathered.chunk(2, dim=0) if tp_size == 1 else gathered.view(tp_size, 2, -1, *tail).unbind(1)
         return dict(zip(mapping.hf, halves, strict=True))
     (name,) = mapping.hf
     if mapping.kind == "row" and tp_size > 1:  # [tp * rows, cols_r] -> [rows, tp, cols_r]: HF's [rows, tp * cols_r]

@@ -571,7 +571,7 @@ class _MappingFill:
             if self.views is None:
                 self.views = convert.gathered_views(self.mapping, self._gather(), w.dims, w.tp)
             view = self.views[name]
-            (out if view.shape == out.shape else out.view(view.shape)).copy_(view)
+            out.view(view.shape).copy_(view)  # `out` is contiguous: viewed as the (maybe folded) view
         if w.pp > 1:
             dist.broadcast(out, src=w.pp_ranks[self.mapping.stage], group=w.pp_group)
         self.left -= 1

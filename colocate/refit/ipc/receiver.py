@@ -276,14 +276,8 @@ class RefitReceiver:
             dtype, want = dtype_from_name(src.dtype), dtype_from_name(e.dtype)
             if not castable(dtype, want):
                 raise RefitFrameError(f"direct refit: {e.name} is {src.dtype}, expected {e.dtype}")
-            if src.shape is None:
-                span = e.nbytes // want.itemsize * dtype.itemsize
-                if buf is None or src.byte_offset < 0 or src.byte_offset + span > buf.handle.nbytes:
-                    raise RefitFrameError(f"direct refit: {e.name} lies outside storage {src.buffer}")
-                named.append((e.name, buf.tensor[src.byte_offset:src.byte_offset + span].view(dtype).view(e.shape)))
-            else:
-                view = _strided_view(buf, src, dtype, e)
-                named.append((e.name, view if tuple(view.shape) == e.shape else FoldedTensor(e.shape, view)))
+            view = _strided_view(buf, src, dtype, e)
+            named.append((e.name, view if tuple(view.shape) == e.shape else FoldedTensor(e.shape, view)))
         wanted = [dtype_from_name(e.dtype) for e in manifest.entries]
         if all(v.dtype == w for (_, v), w in zip(named, wanted, strict=True)):
             return named, None
@@ -355,8 +349,12 @@ class RefitReceiver:
 
 
 def _strided_view(buf: Any, src: wire.Source, dtype: torch.dtype, e: Entry) -> torch.Tensor:
-    """`src`'s strided view of entry `e` in the opened storage `buf`, every element it reaches inside it."""
-    shape, stride = tuple(src.shape or ()), tuple(src.stride or ())
+    """`src`'s view of entry `e` in the opened storage `buf` (contiguous in the entry's shape, or the strided view
+    the source names), every element it reaches inside it."""
+    if src.shape is None:
+        shape, stride = e.shape, torch.empty(e.shape, device="meta").stride()
+    else:
+        shape, stride = tuple(src.shape), tuple(src.stride or ())
     item = dtype.itemsize
     reach = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=False)) if all(shape) else 0
     whole = buf.handle.nbytes // item if buf is not None else 0
